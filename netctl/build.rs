@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let obj = std::env::var("NETCTL_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|_| {
-        manifest.join("../netctl-ebpf/target/bpfel-unknown-none/release/netctl")
-    });
+    let obj = std::env::var("NETCTL_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            manifest.join("../netctl-ebpf/target/bpfel-unknown-none/release/netctl")
+        });
     println!("cargo:rerun-if-env-changed=NETCTL_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", obj.display());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("netctl.bpf.o");

@@ -1,1 +1,775 @@
-//! TODO
+//! Everything aya: the eBPF object, its pinned maps and programs, and the TCX links that
+//! attach the programs to endpoint veths and the uplink.
+//!
+//! Pins live under `<pin-dir>/v<LAYOUT_VERSION>/` (`maps/NAME`, `progs/NAME`,
+//! `links/IFNAME.in|out`). The first agent loads the object and pins everything; every later
+//! agent adopts the pins instead of loading again, so that a restart (or a SIGKILL) never
+//! detaches a program or empties a map: the links are pinned too, and the kernel keeps them
+//! attached with no process holding them.
+//!
+//! Only this module touches aya. The reconciler sees it through [`Dataplane`], which has an
+//! in-memory implementation for unit tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::Ipv4Net;
+use netctl_common::{
+    COUNTER_SLOTS, Counter, DropReason, EndpointInfo, EndpointKey, IfaceInfo, LAYOUT_VERSION,
+    SLOT_PASS_FROM_ENDPOINT, SLOT_PASS_TO_ENDPOINT, SLOT_PASS_UPLINK, SubnetInfo, names,
+};
+use serde::Serialize;
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netctl.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this netctl binary was built without its eBPF object; run `cargo xtask build` (or `cargo xtask build-ebpf` then rebuild)"
+    )]
+    NoObject,
+    #[error("load the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("pin {path}: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    let what = what.into();
+    move |e| DatapathError::Map {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    let what = what.into();
+    move |e| DatapathError::Program {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Which way a link faces on an endpoint veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    /// TC ingress of the host-side veth: packets leaving the sandbox.
+    In,
+    /// TC egress of the host-side veth: packets entering the sandbox.
+    Out,
+}
+
+impl Dir {
+    fn suffix(self) -> &'static str {
+        match self {
+            Dir::In => "in",
+            Dir::Out => "out",
+        }
+    }
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Dir::In => TcAttachType::Ingress,
+            Dir::Out => TcAttachType::Egress,
+        }
+    }
+}
+
+/// What repairing one kind of object did; the reconciler sums these into its drift count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Drift {
+    pub added: u64,
+    pub updated: u64,
+    pub removed: u64,
+}
+
+impl Drift {
+    pub fn total(&self) -> u64 {
+        self.added + self.updated + self.removed
+    }
+    pub fn add(&mut self, o: Drift) {
+        self.added += o.added;
+        self.updated += o.updated;
+        self.removed += o.removed;
+    }
+}
+
+/// A program attachment as `netctl status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Attachment {
+    pub program: String,
+    pub interface: String,
+    pub hook: String,
+    pub pin: String,
+}
+
+/// A map as `netctl status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MapUsage {
+    pub name: String,
+    pub pin: String,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+/// Packets and bytes of one counter, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Stats {
+    pub from_endpoints: Count,
+    pub to_endpoints: Count,
+    pub uplink: Count,
+    /// Drops by reason name (every reason present, zero or not).
+    pub drops: BTreeMap<String, Count>,
+}
+
+/// The reconciler's view of the data plane: whole-map syncs that add what is missing, fix
+/// what differs and remove what is not desired, and link attachment by interface name.
+pub trait Dataplane {
+    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift>;
+    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift>;
+    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift>;
+    /// Attaches both endpoint programs to each named host-side veth and detaches them from
+    /// every veth not named.
+    fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift>;
+}
+
+/// The loaded (or adopted) object: program and map handles, and the pin root.
+pub struct Datapath {
+    root: PathBuf,
+    /// Whether this agent found everything pinned by an earlier one.
+    pub adopted: bool,
+    ifaces: HashMap<MapData, u32, IfaceInfo>,
+    subnets: LpmTrie<MapData, u32, SubnetInfo>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    counters: PerCpuArray<MapData, Counter>,
+    from_endpoint: SchedClassifier,
+    to_endpoint: SchedClassifier,
+    uplink: SchedClassifier,
+    /// The uplink the agent attached to (for status and `down`).
+    uplink_iface: Option<String>,
+}
+
+impl Datapath {
+    /// `<pin_dir>/v<LAYOUT_VERSION>`.
+    pub fn root_for(pin_dir: &Path) -> PathBuf {
+        pin_dir.join(format!("v{LAYOUT_VERSION}"))
+    }
+
+    fn map_pin(root: &Path, name: &str) -> PathBuf {
+        root.join("maps").join(name)
+    }
+    fn prog_pin(root: &Path, name: &str) -> PathBuf {
+        root.join("progs").join(name)
+    }
+    fn link_dir(root: &Path) -> PathBuf {
+        root.join("links")
+    }
+    fn link_pin(root: &Path, ifname: &str, dir: Dir) -> PathBuf {
+        Self::link_dir(root).join(format!("{ifname}.{}", dir.suffix()))
+    }
+    fn uplink_pin(root: &Path, ifname: &str) -> PathBuf {
+        Self::link_dir(root).join(format!("uplink-{ifname}.in"))
+    }
+
+    fn all_pins(root: &Path) -> Vec<PathBuf> {
+        names::MAPS
+            .iter()
+            .map(|n| Self::map_pin(root, n))
+            .chain(names::PROGRAMS.iter().map(|n| Self::prog_pin(root, n)))
+            .collect()
+    }
+
+    /// Adopts the pinned object under `pin_dir`, or loads and pins it if there is none.
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let root = Self::root_for(pin_dir);
+        ensure_bpffs(pin_dir)?;
+        let pins = Self::all_pins(&root);
+        let adopted = pins.iter().all(|p| p.exists());
+        if !adopted {
+            // A partial set of pins means an earlier first start died half-way; no link can
+            // refer to it yet (links are made after all pins), so start over.
+            for p in pins.iter().filter(|p| p.exists()) {
+                std::fs::remove_file(p).map_err(io_err(p))?;
+            }
+            Self::install(&root)?;
+        }
+        let mut dp = Self::adopt(&root)?;
+        dp.adopted = adopted;
+        Ok(dp)
+    }
+
+    /// Loads the embedded object and pins its maps and programs under `root`.
+    fn install(root: &Path) -> Result<()> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        for sub in ["maps", "progs", "links"] {
+            let d = root.join(sub);
+            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        let mut ebpf: Ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for name in names::PROGRAMS {
+            let path = Self::prog_pin(root, name);
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Pin {
+                    path: path.clone(),
+                    detail: format!("program {name} missing from the object"),
+                })?
+                .try_into()
+                .map_err(prog_err(format!("program {name}")))?;
+            prog.load()
+                .map_err(prog_err(format!("load program {name}")))?;
+            prog.pin(&path).map_err(|e| DatapathError::Pin {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        for name in names::MAPS {
+            let path = Self::map_pin(root, name);
+            let map = ebpf.map(name).ok_or_else(|| DatapathError::Pin {
+                path: path.clone(),
+                detail: format!("map {name} missing from the object"),
+            })?;
+            map.pin(&path).map_err(|e| DatapathError::Pin {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        tracing::info!(root = %root.display(), "loaded and pinned the eBPF object");
+        Ok(())
+    }
+
+    fn open_map(root: &Path, name: &str) -> Result<Map> {
+        let path = Self::map_pin(root, name);
+        let data = MapData::from_pin(&path).map_err(map_err(format!("open {}", path.display())))?;
+        Map::from_map_data(data).map_err(map_err(format!("open {}", path.display())))
+    }
+
+    fn open_prog(root: &Path, name: &str) -> Result<SchedClassifier> {
+        let path = Self::prog_pin(root, name);
+        SchedClassifier::from_pin(&path).map_err(prog_err(format!("open {}", path.display())))
+    }
+
+    fn adopt(root: &Path) -> Result<Self> {
+        let typed = |name: &str| map_err(format!("map {name} has an unexpected type"));
+        Ok(Self {
+            root: root.to_owned(),
+            adopted: true,
+            ifaces: HashMap::try_from(Self::open_map(root, names::MAP_IFACES)?)
+                .map_err(typed(names::MAP_IFACES))?,
+            subnets: LpmTrie::try_from(Self::open_map(root, names::MAP_SUBNETS)?)
+                .map_err(typed(names::MAP_SUBNETS))?,
+            endpoints: HashMap::try_from(Self::open_map(root, names::MAP_ENDPOINTS)?)
+                .map_err(typed(names::MAP_ENDPOINTS))?,
+            counters: PerCpuArray::try_from(Self::open_map(root, names::MAP_COUNTERS)?)
+                .map_err(typed(names::MAP_COUNTERS))?,
+            from_endpoint: Self::open_prog(root, names::PROG_FROM_ENDPOINT)?,
+            to_endpoint: Self::open_prog(root, names::PROG_TO_ENDPOINT)?,
+            uplink: Self::open_prog(root, names::PROG_UPLINK_INGRESS)?,
+            uplink_iface: None,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn prog(&mut self, dir: Dir) -> &mut SchedClassifier {
+        match dir {
+            Dir::In => &mut self.from_endpoint,
+            Dir::Out => &mut self.to_endpoint,
+        }
+    }
+
+    /// Ensures `prog` is attached to `ifname` at `attach_type` through a link pinned at
+    /// `pin`. A pin whose link no longer runs our program there (the interface was recreated,
+    /// or the link was detached by hand) is replaced. Returns whether anything changed.
+    fn ensure_link(
+        prog: &mut SchedClassifier,
+        ifname: &str,
+        attach_type: TcAttachType,
+        pin: &Path,
+    ) -> Result<bool> {
+        let prog_id = prog.info().map_err(prog_err("read program info"))?.id();
+        if pin.exists() {
+            let attached = SchedClassifier::query_tcx(ifname, attach_type)
+                .map(|(_, progs)| progs.iter().any(|p| p.id() == prog_id))
+                .unwrap_or(false);
+            if attached {
+                return Ok(false);
+            }
+            tracing::warn!(pin = %pin.display(), ifname, "stale link pin; re-attaching");
+            std::fs::remove_file(pin).map_err(io_err(pin))?;
+        }
+        let id = prog
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(prog_err(format!("attach to {ifname}")))?;
+        let link = prog
+            .take_link(id)
+            .map_err(prog_err(format!("take link on {ifname}")))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+                path: pin.to_owned(),
+                detail: e.to_string(),
+            })?;
+        fd.pin(pin).map_err(|e| DatapathError::Pin {
+            path: pin.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Ok(true)
+    }
+
+    /// Unpins (and so detaches) the link pinned at `pin`; absent is success.
+    fn remove_link(pin: &Path) -> Result<bool> {
+        match PinnedLink::from_pin(pin) {
+            Ok(link) => {
+                // Dropping the last reference detaches the link from its interface.
+                let _fd: FdLink = link.unpin().map_err(io_err(pin))?;
+                Ok(true)
+            }
+            Err(_) if !pin.exists() => Ok(false),
+            Err(_) => {
+                // Not a link (or unreadable): remove the file so the name is free.
+                std::fs::remove_file(pin).map_err(io_err(pin))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Host-side veths that have link pins.
+    fn pinned_endpoint_ifaces(&self) -> Result<BTreeSet<String>> {
+        let dir = Self::link_dir(&self.root);
+        let mut out = BTreeSet::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("uplink-") {
+                continue;
+            }
+            if let Some((ifname, _)) = name.rsplit_once('.') {
+                out.insert(ifname.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attaches the uplink program to `ifname` (TC ingress).
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<bool> {
+        let pin = Self::uplink_pin(&self.root, ifname);
+        let changed = Self::ensure_link(&mut self.uplink, ifname, TcAttachType::Ingress, &pin)?;
+        self.uplink_iface = Some(ifname.to_owned());
+        Ok(changed)
+    }
+
+    /// Every attachment, read from the link pins.
+    pub fn attachments(&self) -> Result<Vec<Attachment>> {
+        let dir = Self::link_dir(&self.root);
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        let mut names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for name in names {
+            let Some((base, hook)) = name.rsplit_once('.') else {
+                continue;
+            };
+            let (program, interface, hook) = match (base.strip_prefix("uplink-"), hook) {
+                (Some(i), _) => (names::PROG_UPLINK_INGRESS, i, "tcx/ingress"),
+                (None, "in") => (names::PROG_FROM_ENDPOINT, base, "tcx/ingress"),
+                (None, _) => (names::PROG_TO_ENDPOINT, base, "tcx/egress"),
+            };
+            out.push(Attachment {
+                program: program.to_owned(),
+                interface: interface.to_owned(),
+                hook: hook.to_owned(),
+                pin: dir.join(&name).display().to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Entry counts of every map.
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        let pin = |n: &str| Self::map_pin(&self.root, n).display().to_string();
+        vec![
+            MapUsage {
+                name: names::MAP_IFACES.into(),
+                pin: pin(names::MAP_IFACES),
+                entries: self.ifaces.keys().count() as u64,
+                max_entries: netctl_common::MAX_IFACES,
+            },
+            MapUsage {
+                name: names::MAP_SUBNETS.into(),
+                pin: pin(names::MAP_SUBNETS),
+                entries: self.subnets.keys().count() as u64,
+                max_entries: netctl_common::MAX_SUBNETS,
+            },
+            MapUsage {
+                name: names::MAP_ENDPOINTS.into(),
+                pin: pin(names::MAP_ENDPOINTS),
+                entries: self.endpoints.keys().count() as u64,
+                max_entries: netctl_common::MAX_ENDPOINTS,
+            },
+            MapUsage {
+                name: names::MAP_COUNTERS.into(),
+                pin: pin(names::MAP_COUNTERS),
+                entries: u64::from(COUNTER_SLOTS),
+                max_entries: COUNTER_SLOTS,
+            },
+        ]
+    }
+
+    /// Counters summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let slot = |i: u32| -> Result<Count> {
+            let per_cpu = self
+                .counters
+                .get(&i, 0)
+                .map_err(map_err(format!("read counter slot {i}")))?;
+            Ok(per_cpu.iter().fold(Count::default(), |a, c| Count {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
+        };
+        let mut s = Stats {
+            from_endpoints: slot(SLOT_PASS_FROM_ENDPOINT)?,
+            to_endpoints: slot(SLOT_PASS_TO_ENDPOINT)?,
+            uplink: slot(SLOT_PASS_UPLINK)?,
+            drops: BTreeMap::new(),
+        };
+        for r in DropReason::ALL {
+            s.drops.insert(r.name().to_owned(), slot(r.slot())?);
+        }
+        Ok(s)
+    }
+
+    /// Detaches every link and removes every pin under the root (`netctl down`).
+    pub fn teardown(pin_dir: &Path) -> Result<()> {
+        let root = Self::root_for(pin_dir);
+        let links = Self::link_dir(&root);
+        if let Ok(rd) = std::fs::read_dir(&links) {
+            for e in rd.flatten() {
+                Self::remove_link(&e.path())?;
+            }
+        }
+        for p in Self::all_pins(&root) {
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+        for sub in ["links", "maps", "progs", ""] {
+            let d = root.join(sub);
+            let _ = std::fs::remove_dir(&d);
+        }
+        let _ = std::fs::remove_dir(pin_dir);
+        Ok(())
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf if the pin directory lives there and it is not mounted.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(bpffs) {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mounted = mounts.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mp, fs) = (f.next(), f.next(), f.next());
+            mp == Some("/sys/fs/bpf") && fs == Some("bpf")
+        });
+        if !mounted {
+            nix::mount::mount(
+                Some("bpf"),
+                bpffs,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| DatapathError::Io {
+                path: bpffs.to_owned(),
+                source: std::io::Error::from(e),
+            })?;
+        }
+    }
+    std::fs::create_dir_all(pin_dir).map_err(io_err(pin_dir))
+}
+
+/// Generic whole-map sync over any keyed store.
+fn sync_map<K: Ord + Copy, V: PartialEq + Copy>(
+    desired: &BTreeMap<K, V>,
+    actual: BTreeMap<K, V>,
+    mut put: impl FnMut(&K, &V) -> Result<()>,
+    mut del: impl FnMut(&K) -> Result<()>,
+) -> Result<Drift> {
+    let mut d = Drift::default();
+    // Adds and updates first, removals last: make before break.
+    for (k, v) in desired {
+        match actual.get(k) {
+            Some(a) if a == v => {}
+            Some(_) => {
+                put(k, v)?;
+                d.updated += 1;
+            }
+            None => {
+                put(k, v)?;
+                d.added += 1;
+            }
+        }
+    }
+    for k in actual.keys().filter(|k| !desired.contains_key(k)) {
+        del(k)?;
+        d.removed += 1;
+    }
+    Ok(d)
+}
+
+/// An LPM key for an IPv4 prefix (address bytes in network order).
+fn lpm_key(net: &Ipv4Net) -> Key<u32> {
+    Key::new(
+        u32::from(net.prefix_len()),
+        u32::from_ne_bytes(net.network().octets()),
+    )
+}
+
+fn net_of_key(k: &Key<u32>) -> Option<Ipv4Net> {
+    let addr = Ipv4Addr::from(k.data().to_ne_bytes());
+    Ipv4Net::new(addr, u8::try_from(k.prefix_len()).ok()?).ok()
+}
+
+impl Dataplane for Datapath {
+    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
+        let actual: BTreeMap<u32, IfaceInfo> = self.ifaces.iter().filter_map(|r| r.ok()).collect();
+        let mut pending_del = Vec::new();
+        let m = &mut self.ifaces;
+        let d = sync_map(
+            desired,
+            actual,
+            |k, v| m.insert(*k, *v, 0).map_err(map_err("write IFACES")),
+            |k| {
+                pending_del.push(*k);
+                Ok(())
+            },
+        )?;
+        for k in pending_del {
+            self.ifaces
+                .remove(&k)
+                .map_err(map_err("delete from IFACES"))?;
+        }
+        Ok(d)
+    }
+
+    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
+        let actual: BTreeMap<Ipv4Net, SubnetInfo> = self
+            .subnets
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| net_of_key(&k).map(|n| (n, v)))
+            .collect();
+        let mut pending_del = Vec::new();
+        let m = &mut self.subnets;
+        let d = sync_map(
+            desired,
+            actual,
+            |k, v| {
+                m.insert(&lpm_key(k), *v, 0)
+                    .map_err(map_err("write SUBNETS"))
+            },
+            |k| {
+                pending_del.push(*k);
+                Ok(())
+            },
+        )?;
+        for k in pending_del {
+            self.subnets
+                .remove(&lpm_key(&k))
+                .map_err(map_err("delete from SUBNETS"))?;
+        }
+        Ok(d)
+    }
+
+    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
+        let actual: BTreeMap<EndpointKey, EndpointInfo> =
+            self.endpoints.iter().filter_map(|r| r.ok()).collect();
+        let mut pending_del = Vec::new();
+        let m = &mut self.endpoints;
+        let d = sync_map(
+            desired,
+            actual,
+            |k, v| m.insert(*k, *v, 0).map_err(map_err("write ENDPOINTS")),
+            |k| {
+                pending_del.push(*k);
+                Ok(())
+            },
+        )?;
+        for k in pending_del {
+            self.endpoints
+                .remove(&k)
+                .map_err(map_err("delete from ENDPOINTS"))?;
+        }
+        Ok(d)
+    }
+
+    fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {
+        let mut d = Drift::default();
+        let before = self.pinned_endpoint_ifaces()?;
+        for ifname in desired {
+            let mut changed = false;
+            for dir in [Dir::In, Dir::Out] {
+                let pin = Self::link_pin(&self.root, ifname, dir);
+                changed |= Self::ensure_link(self.prog(dir), ifname, dir.attach_type(), &pin)?;
+            }
+            if changed {
+                if before.contains(ifname) {
+                    d.updated += 1;
+                } else {
+                    d.added += 1;
+                }
+            }
+        }
+        for ifname in before.difference(desired) {
+            for dir in [Dir::In, Dir::Out] {
+                Self::remove_link(&Self::link_pin(&self.root, ifname, dir))?;
+            }
+            d.removed += 1;
+        }
+        Ok(d)
+    }
+}
+
+/// An in-memory data plane for unit tests of the reconciler.
+#[derive(Debug, Default)]
+pub struct MemDataplane {
+    pub ifaces: BTreeMap<u32, IfaceInfo>,
+    pub subnets: BTreeMap<Ipv4Net, SubnetInfo>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    pub links: BTreeSet<String>,
+}
+
+impl Dataplane for MemDataplane {
+    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
+        let d = sync_map(desired, self.ifaces.clone(), |_, _| Ok(()), |_| Ok(()))?;
+        self.ifaces = desired.clone();
+        Ok(d)
+    }
+    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
+        let d = sync_map(desired, self.subnets.clone(), |_, _| Ok(()), |_| Ok(()))?;
+        self.subnets = desired.clone();
+        Ok(d)
+    }
+    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
+        let d = sync_map(desired, self.endpoints.clone(), |_, _| Ok(()), |_| Ok(()))?;
+        self.endpoints = desired.clone();
+        Ok(d)
+    }
+    fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {
+        let d = Drift {
+            added: desired.difference(&self.links).count() as u64,
+            updated: 0,
+            removed: self.links.difference(desired).count() as u64,
+        };
+        self.links = desired.clone();
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_map_adds_updates_removes_in_order() {
+        let desired: BTreeMap<u32, u32> = [(1, 10), (2, 20), (3, 30)].into();
+        let actual: BTreeMap<u32, u32> = [(2, 21), (3, 30), (4, 40)].into();
+        let mut ops = Vec::new();
+        let mut dels = Vec::new();
+        let d = sync_map(
+            &desired,
+            actual,
+            |k, v| {
+                ops.push((*k, *v));
+                Ok(())
+            },
+            |k| {
+                dels.push(*k);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(ops, vec![(1, 10), (2, 20)]);
+        assert_eq!(dels, vec![4]);
+        assert_eq!(
+            d,
+            Drift {
+                added: 1,
+                updated: 1,
+                removed: 1
+            }
+        );
+    }
+
+    #[test]
+    fn lpm_key_round_trips() {
+        let n: Ipv4Net = "172.18.0.0/16".parse().unwrap();
+        let k = lpm_key(&n);
+        assert_eq!(k.prefix_len(), 16);
+        // Network byte order: the first octet is the lowest-addressed byte.
+        assert_eq!(k.data().to_ne_bytes(), [172, 18, 0, 0]);
+        assert_eq!(net_of_key(&k), Some(n));
+    }
+}

@@ -1,0 +1,144 @@
+//! netctl's eBPF programs. One entry per hook; the logic lives in the modules beside this one.
+//!
+//! - `from_endpoint`: TC ingress of an endpoint's host-side veth (packets leaving a sandbox).
+//! - `to_endpoint`: TC egress of the same veth (packets entering the sandbox).
+//! - `uplink_ingress`: TC ingress of the node's uplink (counts; VXLAN and the routing mesh
+//!   come later).
+//!
+//! Each entry returns `Result<(), DropReason>`; [`verdict`] turns it into a TC action and
+//! counts it, so no path can drop without saying why.
+#![no_std]
+#![no_main]
+
+mod parse;
+mod policy;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use netctl_common::{DropReason, SLOT_PASS_FROM_ENDPOINT, SLOT_PASS_TO_ENDPOINT, SLOT_PASS_UPLINK};
+use parse::{
+    ArpEthIpv4, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE, EthHdr, IPV4_MIN_HLEN, Ipv4Hdr, ptr_at,
+};
+
+#[inline(always)]
+fn verdict(ctx: &TcContext, pass_slot: u32, r: Result<(), DropReason>) -> i32 {
+    match r {
+        Ok(()) => {
+            stats::count(ctx, pass_slot);
+            TC_ACT_OK
+        }
+        Err(reason) => {
+            stats::count(ctx, reason.slot());
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed in.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The IPv4 header, after checking the version and that the whole header (with options) is
+/// present. Options are allowed; only the fixed part is read.
+#[inline(always)]
+fn ipv4(ctx: &TcContext) -> Result<&Ipv4Hdr, DropReason> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || ctx.data() + ETH_HLEN + ihl > ctx.data_end() {
+        return Err(DropReason::Malformed);
+    }
+    Ok(ip)
+}
+
+#[inline(always)]
+fn arp(ctx: &TcContext) -> Result<&ArpEthIpv4, DropReason> {
+    let a = ptr_at::<ArpEthIpv4>(ctx, ETH_HLEN).ok_or(DropReason::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let a = unsafe { &*a };
+    if a.htype_be != 1u16.to_be() || a.ptype_be != ETH_P_IP_BE || a.hlen != 6 || a.plen != 4 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(a)
+}
+
+#[classifier]
+pub fn from_endpoint(ctx: TcContext) -> i32 {
+    let r = try_from_endpoint(&ctx);
+    verdict(&ctx, SLOT_PASS_FROM_ENDPOINT, r)
+}
+
+fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
+    let ep = policy::iface(ifindex(ctx))?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let eth = unsafe { &*eth };
+    if eth.src != ep.mac {
+        return Err(DropReason::SpoofedMac);
+    }
+    match eth.proto_be {
+        ETH_P_IP_BE => {
+            let ip = ipv4(ctx)?;
+            if ip.src_be != ep.ip_be {
+                return Err(DropReason::SpoofedIp);
+            }
+            policy::check_peer(&ep, ip.dst_be)
+        }
+        ETH_P_ARP_BE => {
+            let a = arp(ctx)?;
+            if a.sha != ep.mac {
+                return Err(DropReason::SpoofedMac);
+            }
+            // 0.0.0.0 is an ARP probe (RFC 5227 section 2.1.1), which is not a claim.
+            let spa = u32::from_ne_bytes(a.spa);
+            if spa != ep.ip_be && spa != 0 {
+                return Err(DropReason::SpoofedIp);
+            }
+            Ok(())
+        }
+        _ => Err(DropReason::UnsupportedL3),
+    }
+}
+
+#[classifier]
+pub fn to_endpoint(ctx: TcContext) -> i32 {
+    let r = try_to_endpoint(&ctx);
+    verdict(&ctx, SLOT_PASS_TO_ENDPOINT, r)
+}
+
+fn try_to_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
+    let ep = policy::iface(ifindex(ctx))?;
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    let eth = unsafe { &*eth };
+    match eth.proto_be {
+        ETH_P_IP_BE => {
+            let ip = ipv4(ctx)?;
+            policy::check_peer(&ep, ip.src_be)
+        }
+        ETH_P_ARP_BE => arp(ctx).map(|_| ()),
+        _ => Err(DropReason::UnsupportedL3),
+    }
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    verdict(&ctx, SLOT_PASS_UPLINK, Ok(()))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,1 +1,233 @@
-//! TODO
+//! Desired state to kernel state.
+//!
+//! [`desired`] computes, from the model and the ifindex of each host-side veth, exactly what
+//! the maps and links must hold; [`apply`] makes the data plane match it through the
+//! [`Dataplane`] trait (idempotent: a second run finds no drift). Netlink objects (bridges,
+//! namespaces, veths) are ensured by the agent before the maps, because the maps are keyed
+//! by the ifindex those objects get.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::Ipv4Net;
+use netctl_common::{EndpointInfo, EndpointKey, IfaceInfo, NET_F_INTERNAL, SubnetInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{DatapathError, Dataplane, Drift};
+use crate::model::{Network, State, parse_mac};
+
+/// What the maps and links must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub subnets: BTreeMap<Ipv4Net, SubnetInfo>,
+    pub ifaces: BTreeMap<u32, IfaceInfo>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    /// Host-side veths that must carry the endpoint programs.
+    pub links: BTreeSet<String>,
+}
+
+/// Drift repaired by one reconciliation, by kind of object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub netlink: Drift,
+    pub maps: Drift,
+    pub links: Drift,
+}
+
+impl Report {
+    pub fn total(&self) -> u64 {
+        self.netlink.total() + self.maps.total() + self.links.total()
+    }
+}
+
+pub fn net_flags(n: &Network) -> u32 {
+    if n.internal { NET_F_INTERNAL } else { 0 }
+}
+
+fn be(ip: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The maps and links `state` asks for. Endpoints whose veth has no known ifindex (it could
+/// not be created) get no `IFACES` entry and no link, so nothing half-made carries traffic.
+pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
+    let mut d = Desired::default();
+    for n in state.networks.values() {
+        d.subnets.insert(
+            n.subnet,
+            SubnetInfo {
+                net_id: n.id,
+                flags: net_flags(n),
+            },
+        );
+    }
+    for ep in state.endpoints.values() {
+        let Some(net) = state.networks.get(&ep.network) else {
+            continue;
+        };
+        let Some(mac) = parse_mac(&ep.mac) else {
+            continue;
+        };
+        let idx = ifindex.get(&ep.host_ifname).copied();
+        d.endpoints.insert(
+            EndpointKey {
+                net_id: net.id,
+                ip_be: be(ep.ip),
+            },
+            EndpointInfo {
+                ifindex: idx.unwrap_or(0),
+                node_id: 0,
+                mac,
+                _pad: [0; 2],
+            },
+        );
+        if let Some(idx) = idx {
+            d.ifaces.insert(
+                idx,
+                IfaceInfo {
+                    ip_be: be(ep.ip),
+                    net_id: net.id,
+                    flags: net_flags(net),
+                    mac,
+                    _pad: [0; 2],
+                },
+            );
+            d.links.insert(ep.host_ifname.clone());
+        }
+    }
+    d
+}
+
+/// Makes the data plane hold `d`. Order is make-before-break: subnets and endpoint entries
+/// first, then the per-interface entries, and only then the links that make the programs
+/// see traffic (a program must never run on a veth whose `IFACES` entry is missing: it would
+/// drop everything as `unknown_iface`).
+pub fn apply(dp: &mut dyn Dataplane, d: &Desired) -> Result<(Drift, Drift), DatapathError> {
+    let mut maps = dp.sync_subnets(&d.subnets)?;
+    maps.add(dp.sync_endpoints(&d.endpoints)?);
+    maps.add(dp.sync_ifaces(&d.ifaces)?);
+    let links = dp.sync_endpoint_links(&d.links)?;
+    Ok((maps, links))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::MemDataplane;
+    use crate::model::{Endpoint, Network, Sandbox, format_mac, mac_for};
+    use std::net::Ipv4Addr;
+
+    fn net(name: &str, id: u32, subnet: &str, internal: bool) -> Network {
+        let subnet: Ipv4Net = subnet.parse().unwrap();
+        Network {
+            id,
+            name: name.into(),
+            driver: "bridge".into(),
+            subnet,
+            ip_range: None,
+            gateway: subnet.hosts().next().unwrap(),
+            aux_addresses: Default::default(),
+            options: Default::default(),
+            internal,
+            bridge: format!("netctl{id}"),
+            created: String::new(),
+        }
+    }
+
+    fn ep(id: &str, network: &str, sandbox: &str, ip: Ipv4Addr) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            network: network.into(),
+            sandbox: sandbox.into(),
+            ip,
+            mac: format_mac(mac_for(ip)),
+            ifname: "eth0".into(),
+            host_ifname: format!("nc{id}"),
+            aliases: vec![],
+            default_route: true,
+        }
+    }
+
+    fn state() -> State {
+        let mut s = State::default();
+        s.networks
+            .insert("a".into(), net("a", 1, "10.1.0.0/24", false));
+        s.networks.insert("b".into(), net("b", 2, "10.2.0.0/24", true));
+        for sb in ["x", "y", "z"] {
+            s.sandboxes.insert(
+                sb.into(),
+                Sandbox {
+                    name: sb.into(),
+                    created: String::new(),
+                },
+            );
+        }
+        s.endpoints
+            .insert("e1".into(), ep("e1", "a", "x", Ipv4Addr::new(10, 1, 0, 2)));
+        s.endpoints
+            .insert("e2".into(), ep("e2", "a", "y", Ipv4Addr::new(10, 1, 0, 3)));
+        s.endpoints
+            .insert("e3".into(), ep("e3", "b", "z", Ipv4Addr::new(10, 2, 0, 2)));
+        s
+    }
+
+    fn ifindex() -> BTreeMap<String, u32> {
+        [("nce1", 11), ("nce2", 12), ("nce3", 13)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+
+    #[test]
+    fn desired_holds_every_network_and_endpoint() {
+        let d = desired(&state(), &ifindex());
+        assert_eq!(d.subnets.len(), 2);
+        assert_eq!(
+            d.subnets[&"10.2.0.0/24".parse().unwrap()],
+            SubnetInfo {
+                net_id: 2,
+                flags: NET_F_INTERNAL
+            }
+        );
+        assert_eq!(d.ifaces.len(), 3);
+        let i = d.ifaces[&13];
+        assert_eq!(i.net_id, 2);
+        assert_eq!(i.ip_be.to_ne_bytes(), [10, 2, 0, 2]);
+        assert_eq!(i.mac, [0x02, 0x42, 10, 2, 0, 2]);
+        assert_eq!(d.links.len(), 3);
+    }
+
+    #[test]
+    fn endpoint_without_ifindex_gets_no_iface_entry_or_link() {
+        let mut idx = ifindex();
+        idx.remove("nce2");
+        let d = desired(&state(), &idx);
+        assert!(!d.ifaces.contains_key(&12));
+        assert!(!d.links.contains("nce2"));
+        assert_eq!(d.ifaces.len(), 2);
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_prunes() {
+        let mut dp = MemDataplane::default();
+        let mut s = state();
+        let d = desired(&s, &ifindex());
+        let (maps, links) = apply(&mut dp, &d).unwrap();
+        assert_eq!(maps.added, 2 + 3 + 3);
+        assert_eq!(links.added, 3);
+        // Nothing to do the second time.
+        let (maps, links) = apply(&mut dp, &d).unwrap();
+        assert_eq!(maps.total() + links.total(), 0);
+        // Disconnect e2: its endpoint, iface entry and link go, nothing else moves.
+        s.endpoints.remove("e2");
+        let (maps, links) = apply(&mut dp, &desired(&s, &ifindex())).unwrap();
+        assert_eq!((maps.removed, maps.added, maps.updated), (2, 0, 0));
+        assert_eq!(links.removed, 1);
+        assert!(!dp.ifaces.contains_key(&12));
+        assert!(!dp.links.contains("nce2"));
+        // Drift (an entry changed behind our back) is repaired.
+        dp.ifaces.get_mut(&11).unwrap().net_id = 9;
+        let (maps, _) = apply(&mut dp, &desired(&s, &ifindex())).unwrap();
+        assert_eq!(maps.updated, 1);
+        assert_eq!(dp.ifaces[&11].net_id, 1);
+    }
+}

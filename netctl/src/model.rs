@@ -5,11 +5,13 @@
 //! The agent commits the changes to the store in one transaction, applies them to its
 //! in-memory `State` with [`State::apply`], then reconciles the kernel.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+
+use crate::ipam;
 
 /// The bridge name option Docker users pass (`-o com.docker.network.bridge.name=NAME`).
 pub const OPT_BRIDGE_NAME: &str = "com.docker.network.bridge.name";
@@ -155,5 +157,1385 @@ impl ModelError {
             ModelError::Exists { .. } | ModelError::Conflict(_) => 409,
             ModelError::NotFound { .. } => 404,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planning.
+// ---------------------------------------------------------------------------------------------
+
+fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn not_found(kind: &'static str, name: &str) -> ModelError {
+    ModelError::NotFound {
+        kind,
+        name: name.to_string(),
+    }
+}
+
+/// Checks a network, sandbox or alias name: 1..=64 characters, the first an ASCII letter or
+/// digit, the rest ASCII letters, digits, `_`, `.` or `-`. Such names are safe in paths
+/// (`/run/netns/NAME`): no `/`, no NUL, no spaces, never `.` or `..`.
+pub fn validate_name(field: &'static str, value: &str) -> Result<(), ModelError> {
+    let mut chars = value.chars();
+    let Some(first) = chars.next() else {
+        return Err(invalid(field, value, "must not be empty"));
+    };
+    if !first.is_ascii_alphanumeric() {
+        return Err(invalid(
+            field,
+            value,
+            "must start with an ASCII letter or digit",
+        ));
+    }
+    if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+        return Err(invalid(
+            field,
+            value,
+            format!("character {c:?} is not allowed (use A-Z a-z 0-9 _ . -)"),
+        ));
+    }
+    if value.len() > 64 {
+        return Err(invalid(field, value, "must be at most 64 characters"));
+    }
+    Ok(())
+}
+
+/// Docker's MAC for an address: `02:42` followed by the four address bytes.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// `02:42:0a:00:00:02` (lower case).
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses six colon-separated pairs of hex digits (either case).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Parses an IPv4 CIDR whose host bits are clear (Docker rejects `10.0.0.1/24`).
+fn parse_prefix(field: &'static str, s: &str) -> Result<Ipv4Net, ModelError> {
+    let net: Ipv4Net = s
+        .parse()
+        .map_err(|_| invalid(field, s, "not an IPv4 CIDR (e.g. 10.1.0.0/24)"))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            field,
+            s,
+            format!("host bits are set; it should be {}", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_addr(field: &'static str, s: &str) -> Result<Ipv4Addr, ModelError> {
+    s.parse()
+        .map_err(|_| invalid(field, s, "not an IPv4 address (e.g. 10.1.0.2)"))
+}
+
+/// Checks that `ip` is a host address of `subnet` (inside it, neither network nor broadcast).
+fn check_host_addr(
+    field: &'static str,
+    value: &str,
+    ip: Ipv4Addr,
+    subnet: Ipv4Net,
+) -> Result<(), ModelError> {
+    if !subnet.contains(&ip) {
+        return Err(invalid(field, value, format!("not inside subnet {subnet}")));
+    }
+    if ip == subnet.network() {
+        return Err(invalid(
+            field,
+            value,
+            format!("is the network address of subnet {subnet}"),
+        ));
+    }
+    if ip == subnet.broadcast() {
+        return Err(invalid(
+            field,
+            value,
+            format!("is the broadcast address of subnet {subnet}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Linux interface names: 1..=15 characters of `[A-Za-z0-9_.-]`.
+fn valid_ifname(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `netctl<digits>` is reserved for default bridge names, so that a name given with
+/// `-o com.docker.network.bridge.name` can never collide with a later network's default.
+fn is_default_bridge_name(s: &str) -> bool {
+    s.strip_prefix("netctl")
+        .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()))
+}
+
+fn ifname_index(ifname: &str) -> Option<u32> {
+    ifname.strip_prefix("eth")?.parse().ok()
+}
+
+impl State {
+    /// Applies `changes` in order (puts replace, deletes of unknown keys are no-ops).
+    pub fn apply(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::PutNetwork(n) => {
+                    self.networks.insert(n.name.clone(), n.clone());
+                }
+                Change::DeleteNetwork(name) => {
+                    self.networks.remove(name);
+                }
+                Change::PutSandbox(s) => {
+                    self.sandboxes.insert(s.name.clone(), s.clone());
+                }
+                Change::DeleteSandbox(name) => {
+                    self.sandboxes.remove(name);
+                }
+                Change::PutEndpoint(e) => {
+                    self.endpoints.insert(e.id.clone(), e.clone());
+                }
+                Change::DeleteEndpoint(id) => {
+                    self.endpoints.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Plans `netctl network create`.
+    pub fn plan_create_network(
+        &self,
+        req: &CreateNetwork,
+        host: &HostNet,
+        now: &str,
+    ) -> Result<Vec<Change>, ModelError> {
+        validate_name("name", &req.name)?;
+        if self.networks.contains_key(&req.name) {
+            return Err(ModelError::Exists {
+                kind: "network",
+                name: req.name.clone(),
+            });
+        }
+        let driver = req.driver.as_deref().unwrap_or("bridge");
+        if driver != "bridge" {
+            return Err(invalid(
+                "driver",
+                driver,
+                "only the \"bridge\" driver is supported",
+            ));
+        }
+
+        // The default route (prefix length 0) is not an overlap, as in Docker.
+        let host_prefixes: Vec<Ipv4Net> = host
+            .prefixes
+            .iter()
+            .copied()
+            .filter(|p| p.prefix_len() > 0)
+            .collect();
+
+        let subnet = match req.subnet.as_deref() {
+            Some(s) => {
+                let subnet = parse_prefix("subnet", s)?;
+                if subnet.prefix_len() > 30 {
+                    return Err(invalid(
+                        "subnet",
+                        s,
+                        "prefix is too long; use /30 or shorter to leave room for a gateway and endpoints",
+                    ));
+                }
+                if let Some(n) = self
+                    .networks
+                    .values()
+                    .find(|n| ipam::overlaps(n.subnet, subnet))
+                {
+                    return Err(invalid(
+                        "subnet",
+                        s,
+                        format!("overlaps subnet {} of network {:?}", n.subnet, n.name),
+                    ));
+                }
+                if let Some(p) = host_prefixes.iter().find(|p| ipam::overlaps(**p, subnet)) {
+                    return Err(invalid(
+                        "subnet",
+                        s,
+                        format!("overlaps host route or address {p}; choose another subnet"),
+                    ));
+                }
+                subnet
+            }
+            None => {
+                let mut taken = host_prefixes.clone();
+                taken.extend(self.networks.values().map(|n| n.subnet));
+                ipam::choose_subnet(&taken).ok_or_else(|| {
+                    ModelError::Conflict(
+                        "no free subnet left in the default pools (172.17.0.0/16 to \
+                         172.31.0.0/16, 192.168.0.0/16 as /20s); pass --subnet"
+                            .to_string(),
+                    )
+                })?
+            }
+        };
+
+        let ip_range = match req.ip_range.as_deref() {
+            Some(s) => {
+                let r = parse_prefix("ip-range", s)?;
+                if !subnet.contains(&r) {
+                    return Err(invalid(
+                        "ip-range",
+                        s,
+                        format!("not inside subnet {subnet}"),
+                    ));
+                }
+                Some(r)
+            }
+            None => None,
+        };
+
+        let gateway = match req.gateway.as_deref() {
+            Some(s) => {
+                let gw = parse_addr("gateway", s)?;
+                check_host_addr("gateway", s, gw, subnet)?;
+                gw
+            }
+            // prefix_len <= 30 was checked (or holds for the pools).
+            None => ipam::first_host(subnet).expect("subnet has host addresses"),
+        };
+
+        let mut aux_addresses: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+        for s in &req.aux_addresses {
+            let (key, val) = s
+                .split_once('=')
+                .ok_or_else(|| invalid("aux-address", s, "expected KEY=IP"))?;
+            if key.is_empty() {
+                return Err(invalid("aux-address", s, "the key is empty"));
+            }
+            let ip: Ipv4Addr = val
+                .parse()
+                .map_err(|_| invalid("aux-address", s, "not an IPv4 address after '='"))?;
+            check_host_addr("aux-address", s, ip, subnet)?;
+            if ip == gateway {
+                return Err(invalid("aux-address", s, format!("{ip} is the gateway")));
+            }
+            if aux_addresses.contains_key(key) {
+                return Err(invalid("aux-address", s, format!("duplicate key {key:?}")));
+            }
+            if let Some((k, _)) = aux_addresses.iter().find(|(_, a)| **a == ip) {
+                return Err(invalid(
+                    "aux-address",
+                    s,
+                    format!("{ip} is already reserved as {k:?}"),
+                ));
+            }
+            aux_addresses.insert(key.to_string(), ip);
+        }
+
+        // Options: `KEY=VALUE`; a repeated key keeps the last value, as Docker does.
+        let mut options: BTreeMap<String, String> = BTreeMap::new();
+        for s in &req.options {
+            let (key, val) = s
+                .split_once('=')
+                .ok_or_else(|| invalid("opt", s, "expected KEY=VALUE"))?;
+            if key.is_empty() {
+                return Err(invalid("opt", s, "the key is empty"));
+            }
+            options.insert(key.to_string(), val.to_string());
+        }
+
+        let id = (1u32..)
+            .find(|i| !self.networks.values().any(|n| n.id == *i))
+            .expect("fewer than 2^32 networks");
+
+        let bridge = match options.get(OPT_BRIDGE_NAME) {
+            Some(b) => {
+                let value = format!("{OPT_BRIDGE_NAME}={b}");
+                if !valid_ifname(b) {
+                    return Err(invalid(
+                        "opt",
+                        &value,
+                        "bridge name must be 1 to 15 characters of A-Z a-z 0-9 _ . -",
+                    ));
+                }
+                if is_default_bridge_name(b) {
+                    return Err(invalid(
+                        "opt",
+                        &value,
+                        "names netctl<N> are reserved for netctl's default bridge names",
+                    ));
+                }
+                if let Some(n) = self.networks.values().find(|n| n.bridge == *b) {
+                    return Err(invalid(
+                        "opt",
+                        &value,
+                        format!("bridge {b:?} is already used by network {:?}", n.name),
+                    ));
+                }
+                if host.links.iter().any(|l| l == b) {
+                    return Err(invalid(
+                        "opt",
+                        &value,
+                        format!("an interface named {b:?} already exists on the host"),
+                    ));
+                }
+                b.clone()
+            }
+            None => {
+                let b = format!("netctl{id}");
+                if let Some(n) = self.networks.values().find(|n| n.bridge == b) {
+                    return Err(ModelError::Conflict(format!(
+                        "default bridge name {b:?} is already used by network {:?}; pass -o {OPT_BRIDGE_NAME}=NAME",
+                        n.name
+                    )));
+                }
+                if host.links.contains(&b) {
+                    return Err(ModelError::Conflict(format!(
+                        "an interface named {b:?} (the default bridge name for this network) \
+                         already exists on the host and netctl does not own it; delete it \
+                         (ip link del {b}) or pass -o {OPT_BRIDGE_NAME}=NAME"
+                    )));
+                }
+                b
+            }
+        };
+
+        Ok(vec![Change::PutNetwork(Network {
+            id,
+            name: req.name.clone(),
+            driver: driver.to_string(),
+            subnet,
+            ip_range,
+            gateway,
+            aux_addresses,
+            options,
+            internal: req.internal,
+            bridge,
+            created: now.to_string(),
+        })])
+    }
+
+    /// Plans `netctl network rm`: refused while endpoints remain.
+    pub fn plan_remove_network(&self, name: &str) -> Result<Vec<Change>, ModelError> {
+        if !self.networks.contains_key(name) {
+            return Err(not_found("network", name));
+        }
+        let eps = self.endpoints_of_network(name);
+        if !eps.is_empty() {
+            return Err(ModelError::Conflict(format!(
+                "network {name:?} has {} endpoints; disconnect them first \
+                 (netctl network disconnect {name} SANDBOX)",
+                eps.len()
+            )));
+        }
+        Ok(vec![Change::DeleteNetwork(name.to_string())])
+    }
+
+    /// Plans `netctl sandbox create`.
+    pub fn plan_create_sandbox(
+        &self,
+        name: &str,
+        host: &HostNet,
+        now: &str,
+    ) -> Result<Vec<Change>, ModelError> {
+        validate_name("name", name)?;
+        if self.sandboxes.contains_key(name) {
+            return Err(ModelError::Exists {
+                kind: "sandbox",
+                name: name.to_string(),
+            });
+        }
+        if host.netns.iter().any(|n| n == name) {
+            return Err(ModelError::Exists {
+                kind: "network namespace not owned by netctl (/run/netns)",
+                name: name.to_string(),
+            });
+        }
+        Ok(vec![Change::PutSandbox(Sandbox {
+            name: name.to_string(),
+            created: now.to_string(),
+        })])
+    }
+
+    /// Removing a sandbox also removes its endpoints (DeleteEndpoint for each, then
+    /// DeleteSandbox).
+    pub fn plan_remove_sandbox(&self, name: &str) -> Result<Vec<Change>, ModelError> {
+        if !self.sandboxes.contains_key(name) {
+            return Err(not_found("sandbox", name));
+        }
+        let mut changes: Vec<Change> = self
+            .endpoints_of_sandbox(name)
+            .into_iter()
+            .map(|e| Change::DeleteEndpoint(e.id.clone()))
+            .collect();
+        changes.push(Change::DeleteSandbox(name.to_string()));
+        Ok(changes)
+    }
+
+    /// Addresses of `net` that must not be allocated: gateway, aux addresses, endpoints.
+    fn used_addresses(&self, net: &Network) -> BTreeSet<Ipv4Addr> {
+        let mut used: BTreeSet<Ipv4Addr> = net.aux_addresses.values().copied().collect();
+        used.insert(net.gateway);
+        used.extend(
+            self.endpoints
+                .values()
+                .filter(|e| e.network == net.name)
+                .map(|e| e.ip),
+        );
+        used
+    }
+
+    /// Plans `netctl network connect`.
+    ///
+    /// The endpoint gets the sandbox's default route iff no other endpoint of the sandbox has
+    /// it and the network is not internal (Docker never routes via an internal network).
+    pub fn plan_connect(&self, req: &Connect) -> Result<Vec<Change>, ModelError> {
+        let net = self
+            .networks
+            .get(&req.network)
+            .ok_or_else(|| not_found("network", &req.network))?;
+        if !self.sandboxes.contains_key(&req.sandbox) {
+            return Err(not_found("sandbox", &req.sandbox));
+        }
+        let others = self.endpoints_of_sandbox(&req.sandbox);
+        if others.iter().any(|e| e.network == net.name) {
+            return Err(ModelError::Conflict(format!(
+                "sandbox {:?} is already connected to network {:?}",
+                req.sandbox, net.name
+            )));
+        }
+
+        let mut aliases: Vec<String> = Vec::new();
+        for a in &req.aliases {
+            validate_name("alias", a)?;
+            if !aliases.contains(a) {
+                aliases.push(a.clone());
+            }
+        }
+
+        let used = self.used_addresses(net);
+        let ip = match req.ip.as_deref() {
+            Some(s) => {
+                let ip = parse_addr("ip", s)?;
+                check_host_addr("ip", s, ip, net.subnet)?;
+                if ip == net.gateway {
+                    return Err(invalid(
+                        "ip",
+                        s,
+                        format!("is the gateway of network {:?}", net.name),
+                    ));
+                }
+                if let Some((k, _)) = net.aux_addresses.iter().find(|(_, a)| **a == ip) {
+                    return Err(invalid(
+                        "ip",
+                        s,
+                        format!("is reserved as aux address {k:?} of network {:?}", net.name),
+                    ));
+                }
+                if let Some(e) = self
+                    .endpoints
+                    .values()
+                    .find(|e| e.network == net.name && e.ip == ip)
+                {
+                    return Err(invalid(
+                        "ip",
+                        s,
+                        format!(
+                            "already in use on network {:?} by sandbox {:?}",
+                            net.name, e.sandbox
+                        ),
+                    ));
+                }
+                ip
+            }
+            None => ipam::alloc_bounds(net.subnet, net.ip_range)
+                .and_then(|(lo, hi)| ipam::lowest_free(lo, hi, &used))
+                .ok_or_else(|| {
+                    let pool = match net.ip_range {
+                        Some(r) => format!("{r} (ip-range of {})", net.subnet),
+                        None => net.subnet.to_string(),
+                    };
+                    ModelError::Conflict(format!(
+                        "network {:?}: no free address left in {pool}",
+                        net.name
+                    ))
+                })?,
+        };
+
+        let mut rng = rand::rng();
+        let id = loop {
+            let id = format!("{:016x}", rand::Rng::random::<u64>(&mut rng));
+            let host_ifname = format!("nc{}", &id[..12]);
+            if !self.endpoints.contains_key(&id)
+                && !self
+                    .endpoints
+                    .values()
+                    .any(|e| e.host_ifname == host_ifname)
+            {
+                break id;
+            }
+        };
+        let taken: BTreeSet<u32> = others
+            .iter()
+            .filter_map(|e| ifname_index(&e.ifname))
+            .collect();
+        let index = (0u32..).find(|i| !taken.contains(i)).expect("free index");
+
+        Ok(vec![Change::PutEndpoint(Endpoint {
+            host_ifname: format!("nc{}", &id[..12]),
+            id,
+            network: net.name.clone(),
+            sandbox: req.sandbox.clone(),
+            ip,
+            mac: format_mac(mac_for(ip)),
+            ifname: format!("eth{index}"),
+            aliases,
+            default_route: !net.internal && !others.iter().any(|e| e.default_route),
+        })])
+    }
+
+    /// Plans `netctl network disconnect`.
+    ///
+    /// If the removed endpoint carried the sandbox's default route, the route is NOT moved to
+    /// another endpoint: the sandbox keeps no default route until it is reconnected.
+    pub fn plan_disconnect(&self, network: &str, sandbox: &str) -> Result<Vec<Change>, ModelError> {
+        if !self.networks.contains_key(network) {
+            return Err(not_found("network", network));
+        }
+        if !self.sandboxes.contains_key(sandbox) {
+            return Err(not_found("sandbox", sandbox));
+        }
+        let ep = self
+            .endpoints
+            .values()
+            .find(|e| e.network == network && e.sandbox == sandbox)
+            .ok_or_else(|| {
+                ModelError::Conflict(format!(
+                    "sandbox {sandbox:?} is not connected to network {network:?}"
+                ))
+            })?;
+        Ok(vec![Change::DeleteEndpoint(ep.id.clone())])
+    }
+
+    /// The endpoints on `network`, by address.
+    pub fn endpoints_of_network(&self, network: &str) -> Vec<&Endpoint> {
+        let mut v: Vec<&Endpoint> = self
+            .endpoints
+            .values()
+            .filter(|e| e.network == network)
+            .collect();
+        v.sort_by_key(|e| e.ip);
+        v
+    }
+
+    /// The endpoints of `sandbox`, by interface (eth0, eth1, ...).
+    pub fn endpoints_of_sandbox(&self, sandbox: &str) -> Vec<&Endpoint> {
+        let mut v: Vec<&Endpoint> = self
+            .endpoints
+            .values()
+            .filter(|e| e.sandbox == sandbox)
+            .collect();
+        v.sort_by_key(|e| (ifname_index(&e.ifname), e.ifname.clone()));
+        v
+    }
+
+    /// (allocatable addresses in total, in use) for `netctl network inspect`.
+    ///
+    /// Total: the addresses of the allocation range (ip-range or subnet, without network and
+    /// broadcast) that are neither the gateway nor aux addresses, plus the static addresses of
+    /// endpoints outside the range. In use: the number of endpoints.
+    pub fn address_usage(&self, network: &str) -> Option<(u64, u64)> {
+        let net = self.networks.get(network)?;
+        let eps = self.endpoints_of_network(network);
+        let (range_total, outside) = match ipam::alloc_bounds(net.subnet, net.ip_range) {
+            Some((lo, hi)) => {
+                let inside = |ip: &Ipv4Addr| (lo..=hi).contains(ip);
+                let mut reserved: BTreeSet<Ipv4Addr> =
+                    net.aux_addresses.values().copied().collect();
+                reserved.insert(net.gateway);
+                let reserved = reserved.iter().filter(|a| inside(a)).count() as u64;
+                let outside = eps.iter().filter(|e| !inside(&e.ip)).count() as u64;
+                (ipam::count(lo, hi) - reserved, outside)
+            }
+            None => (0, eps.len() as u64),
+        };
+        Some((range_total + outside, eps.len() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: &str = "2024-01-01T00:00:00Z";
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+    fn host() -> HostNet {
+        HostNet::default()
+    }
+    fn req(name: &str, subnet: Option<&str>) -> CreateNetwork {
+        CreateNetwork {
+            name: name.into(),
+            subnet: subnet.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    /// Plans and applies; panics on error.
+    fn create_net(st: &mut State, r: &CreateNetwork) -> Network {
+        let c = st.plan_create_network(r, &host(), NOW).unwrap();
+        st.apply(&c);
+        st.networks[&r.name].clone()
+    }
+    fn create_sb(st: &mut State, name: &str) {
+        let c = st.plan_create_sandbox(name, &host(), NOW).unwrap();
+        st.apply(&c);
+    }
+    fn conn(network: &str, sandbox: &str, ip: Option<&str>) -> Connect {
+        Connect {
+            network: network.into(),
+            sandbox: sandbox.into(),
+            ip: ip.map(Into::into),
+            aliases: vec![],
+        }
+    }
+    fn connect(st: &mut State, network: &str, sandbox: &str, ip: Option<&str>) -> Endpoint {
+        let c = st.plan_connect(&conn(network, sandbox, ip)).unwrap();
+        st.apply(&c);
+        match &c[..] {
+            [Change::PutEndpoint(e)] => e.clone(),
+            other => panic!("unexpected plan {other:?}"),
+        }
+    }
+
+    /// Asserts an `Invalid` error for `field` whose message names `value`.
+    #[track_caller]
+    fn assert_invalid(r: Result<Vec<Change>, ModelError>, field: &str, value: &str) -> String {
+        match r {
+            Err(e @ ModelError::Invalid { .. }) => {
+                let msg = e.to_string();
+                let ModelError::Invalid {
+                    field: f, value: v, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(*f, field, "{msg}");
+                assert_eq!(v, value, "{msg}");
+                assert!(
+                    msg.starts_with(&format!("{field}: invalid value {value:?}")),
+                    "{msg}"
+                );
+                assert_eq!(e.status(), 400);
+                msg
+            }
+            other => panic!("expected Invalid {field} {value:?}, got {other:?}"),
+        }
+    }
+
+    /// A state with network "n" on 10.0.0.0/24 and sandbox "s".
+    fn base() -> State {
+        let mut st = State::default();
+        create_net(&mut st, &req("n", Some("10.0.0.0/24")));
+        create_sb(&mut st, "s");
+        st
+    }
+
+    // ---- names ----
+
+    #[test]
+    fn names() {
+        for ok in ["a", "A1", "web-1.prod_x", "0abc", &"x".repeat(64)] {
+            validate_name("name", ok).unwrap();
+        }
+        for bad in [
+            "", "a/b", ".", "..", "-a", "_a", ".hidden", "a b", "a\0b", "é", "a:b",
+        ] {
+            let e = validate_name("name", bad).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("name: invalid value {bad:?}")),
+                "{e}"
+            );
+        }
+        let long = "x".repeat(65);
+        assert!(
+            validate_name("alias", &long)
+                .unwrap_err()
+                .to_string()
+                .contains("64")
+        );
+    }
+
+    #[test]
+    fn mac() {
+        let m = mac_for(ip("10.0.0.2"));
+        assert_eq!(m, [0x02, 0x42, 10, 0, 0, 2]);
+        assert_eq!(format_mac(m), "02:42:0a:00:00:02");
+        assert_eq!(parse_mac("02:42:0A:00:00:02"), Some(m));
+        for bad in [
+            "",
+            "02:42:0a:00:00",
+            "02:42:0a:00:00:02:03",
+            "02:42:0a:00:00:g2",
+            "2:42:a:0:0:2",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    // ---- create network ----
+
+    #[test]
+    fn create_network_defaults() {
+        let st = State::default();
+        let c = st
+            .plan_create_network(&req("n", None), &host(), NOW)
+            .unwrap();
+        assert_eq!(st, State::default(), "planning is pure");
+        let [Change::PutNetwork(n)] = &c[..] else {
+            panic!("{c:?}")
+        };
+        assert_eq!(n.id, 1);
+        assert_eq!(n.driver, "bridge");
+        assert_eq!(n.subnet, net("172.17.0.0/16"));
+        assert_eq!(n.gateway, ip("172.17.0.1"));
+        assert_eq!(n.bridge, "netctl1");
+        assert_eq!(n.created, NOW);
+        assert_eq!(n.ip_range, None);
+    }
+
+    #[test]
+    fn create_network_full() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            name: "n".into(),
+            driver: Some("bridge".into()),
+            subnet: Some("10.5.0.0/16".into()),
+            ip_range: Some("10.5.1.0/24".into()),
+            gateway: Some("10.5.0.254".into()),
+            aux_addresses: vec!["router=10.5.0.2".into(), "dns=10.5.1.1".into()],
+            options: vec![format!("{OPT_BRIDGE_NAME}=br-test"), "mtu=1400".into()],
+            internal: true,
+        };
+        let n = create_net(&mut st, &r);
+        assert_eq!(n.ip_range, Some(net("10.5.1.0/24")));
+        assert_eq!(n.gateway, ip("10.5.0.254"));
+        assert_eq!(n.aux_addresses["dns"], ip("10.5.1.1"));
+        assert_eq!(n.options["mtu"], "1400");
+        assert_eq!(n.bridge, "br-test");
+        assert!(n.internal);
+    }
+
+    #[test]
+    fn create_network_exists() {
+        let st = base();
+        let e = st
+            .plan_create_network(&req("n", Some("10.9.0.0/24")), &host(), NOW)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::Exists {
+                    kind: "network",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("\"n\""));
+    }
+
+    #[test]
+    fn create_network_bad_name() {
+        let st = State::default();
+        assert_invalid(
+            st.plan_create_network(&req("a/b", None), &host(), NOW),
+            "name",
+            "a/b",
+        );
+    }
+
+    #[test]
+    fn create_network_bad_driver() {
+        let st = State::default();
+        let r = CreateNetwork {
+            driver: Some("overlay".into()),
+            ..req("n", None)
+        };
+        assert_invalid(
+            st.plan_create_network(&r, &host(), NOW),
+            "driver",
+            "overlay",
+        );
+    }
+
+    #[test]
+    fn subnet_errors() {
+        let st = base();
+        let p = |s: &str| st.plan_create_network(&req("m", Some(s)), &host(), NOW);
+        assert!(assert_invalid(p("10.1.0.1/24"), "subnet", "10.1.0.1/24").contains("10.1.0.0/24"));
+        assert_invalid(p("10.1.0.0"), "subnet", "10.1.0.0");
+        assert_invalid(p("nonsense"), "subnet", "nonsense");
+        assert_invalid(p("fd00::/64"), "subnet", "fd00::/64");
+        assert!(assert_invalid(p("10.1.0.0/31"), "subnet", "10.1.0.0/31").contains("/30"));
+        // /30 is the smallest accepted.
+        p("10.1.0.0/30").unwrap();
+        // Overlap with another netctl network names both.
+        let m = assert_invalid(p("10.0.0.0/16"), "subnet", "10.0.0.0/16");
+        assert!(m.contains("\"n\"") && m.contains("10.0.0.0/24"), "{m}");
+        let m = assert_invalid(p("10.0.0.128/25"), "subnet", "10.0.0.128/25");
+        assert!(m.contains("\"n\""), "{m}");
+        // Overlap with a host route names the route; the default route does not count.
+        let h = HostNet {
+            prefixes: vec![net("0.0.0.0/0"), net("192.168.1.0/24")],
+            ..Default::default()
+        };
+        let r = st.plan_create_network(&req("m", Some("192.168.0.0/16")), &h, NOW);
+        let m = assert_invalid(r, "subnet", "192.168.0.0/16");
+        assert!(m.contains("192.168.1.0/24"), "{m}");
+        st.plan_create_network(&req("m", Some("10.7.0.0/16")), &h, NOW)
+            .unwrap();
+    }
+
+    #[test]
+    fn default_pool_skips_networks_and_host_prefixes() {
+        let mut st = State::default();
+        create_net(&mut st, &req("a", Some("172.17.0.0/16")));
+        let h = HostNet {
+            prefixes: vec![net("0.0.0.0/0"), net("172.18.3.0/24")],
+            ..Default::default()
+        };
+        let c = st.plan_create_network(&req("b", None), &h, NOW).unwrap();
+        let [Change::PutNetwork(n)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(n.subnet, net("172.19.0.0/16"));
+        assert_eq!(n.gateway, ip("172.19.0.1"));
+        assert_eq!(n.id, 2);
+
+        // All 172.16/12 taken by the host: first /20 of 192.168/16 not in use.
+        let h = HostNet {
+            prefixes: vec![net("172.16.0.0/12"), net("192.168.0.0/24")],
+            ..Default::default()
+        };
+        let c = st.plan_create_network(&req("b", None), &h, NOW).unwrap();
+        let [Change::PutNetwork(n)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(n.subnet, net("192.168.16.0/20"));
+
+        // Nothing left.
+        let h = HostNet {
+            prefixes: vec![net("172.16.0.0/12"), net("192.168.0.0/16")],
+            ..Default::default()
+        };
+        let e = st
+            .plan_create_network(&req("b", None), &h, NOW)
+            .unwrap_err();
+        assert!(
+            matches!(e, ModelError::Conflict(_)) && e.to_string().contains("--subnet"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ip_range_errors() {
+        let st = State::default();
+        let p = |r: &str| {
+            let r = CreateNetwork {
+                ip_range: Some(r.into()),
+                ..req("n", Some("10.0.0.0/24"))
+            };
+            st.plan_create_network(&r, &host(), NOW)
+        };
+        assert!(
+            assert_invalid(p("10.0.1.0/25"), "ip-range", "10.0.1.0/25").contains("10.0.0.0/24")
+        );
+        assert_invalid(p("10.0.0.0/23"), "ip-range", "10.0.0.0/23");
+        assert_invalid(p("10.0.0.129/25"), "ip-range", "10.0.0.129/25");
+        assert_invalid(p("x"), "ip-range", "x");
+        p("10.0.0.128/25").unwrap();
+    }
+
+    #[test]
+    fn gateway_errors() {
+        let st = State::default();
+        let p = |g: &str| {
+            let r = CreateNetwork {
+                gateway: Some(g.into()),
+                ..req("n", Some("10.0.0.0/24"))
+            };
+            st.plan_create_network(&r, &host(), NOW)
+        };
+        assert!(assert_invalid(p("10.0.1.1"), "gateway", "10.0.1.1").contains("not inside"));
+        assert!(assert_invalid(p("10.0.0.0"), "gateway", "10.0.0.0").contains("network address"));
+        assert!(assert_invalid(p("10.0.0.255"), "gateway", "10.0.0.255").contains("broadcast"));
+        assert_invalid(p("10.0.0.300"), "gateway", "10.0.0.300");
+        p("10.0.0.200").unwrap();
+    }
+
+    #[test]
+    fn aux_address_errors() {
+        let st = State::default();
+        let p = |aux: &[&str]| {
+            let r = CreateNetwork {
+                aux_addresses: aux.iter().map(|s| s.to_string()).collect(),
+                ..req("n", Some("10.0.0.0/24"))
+            };
+            st.plan_create_network(&r, &host(), NOW)
+        };
+        assert!(assert_invalid(p(&["router"]), "aux-address", "router").contains("KEY=IP"));
+        assert!(assert_invalid(p(&["=10.0.0.5"]), "aux-address", "=10.0.0.5").contains("key"));
+        assert_invalid(p(&["r=10.0.0"]), "aux-address", "r=10.0.0");
+        assert!(
+            assert_invalid(p(&["r=10.1.0.5"]), "aux-address", "r=10.1.0.5").contains("not inside")
+        );
+        assert_invalid(p(&["r=10.0.0.255"]), "aux-address", "r=10.0.0.255");
+        assert!(
+            assert_invalid(p(&["r=10.0.0.1"]), "aux-address", "r=10.0.0.1").contains("gateway")
+        );
+        let m = assert_invalid(
+            p(&["r=10.0.0.5", "r=10.0.0.6"]),
+            "aux-address",
+            "r=10.0.0.6",
+        );
+        assert!(m.contains("duplicate key"), "{m}");
+        let m = assert_invalid(
+            p(&["r=10.0.0.5", "s=10.0.0.5"]),
+            "aux-address",
+            "s=10.0.0.5",
+        );
+        assert!(m.contains("\"r\""), "{m}");
+        p(&["r=10.0.0.5", "s=10.0.0.6"]).unwrap();
+    }
+
+    #[test]
+    fn option_and_bridge_name_errors() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            options: vec![format!("{OPT_BRIDGE_NAME}=br0")],
+            ..req("a", None)
+        };
+        create_net(&mut st, &r);
+        let h = HostNet {
+            links: vec!["eth0".into(), "docker0".into()],
+            ..Default::default()
+        };
+        let p = |opts: &[&str]| {
+            let r = CreateNetwork {
+                options: opts.iter().map(|s| s.to_string()).collect(),
+                ..req("n", None)
+            };
+            st.plan_create_network(&r, &h, NOW)
+        };
+        assert!(assert_invalid(p(&["mtu"]), "opt", "mtu").contains("KEY=VALUE"));
+        assert_invalid(p(&["=1"]), "opt", "=1");
+        let b = |name: &str| format!("{OPT_BRIDGE_NAME}={name}");
+        for bad in ["", "a/b", "a b", "sixteen-chars-xx"] {
+            assert_invalid(p(&[&b(bad)]), "opt", &b(bad));
+        }
+        assert!(assert_invalid(p(&[&b("br0")]), "opt", &b("br0")).contains("\"a\""));
+        assert!(assert_invalid(p(&[&b("docker0")]), "opt", &b("docker0")).contains("exists"));
+        assert!(assert_invalid(p(&[&b("netctl7")]), "opt", &b("netctl7")).contains("reserved"));
+        let c = p(&[&b("fifteen-chars-x")]).unwrap();
+        let [Change::PutNetwork(n)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(n.bridge, "fifteen-chars-x");
+        assert_eq!(n.id, 2);
+
+        // A foreign link holding the default bridge name.
+        let h = HostNet {
+            links: vec!["netctl2".into()],
+            ..Default::default()
+        };
+        let e = st
+            .plan_create_network(&req("n", None), &h, NOW)
+            .unwrap_err();
+        assert!(
+            matches!(e, ModelError::Conflict(_)) && e.to_string().contains("netctl2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn network_ids_reuse_lowest_free() {
+        let mut st = State::default();
+        for n in ["a", "b", "c"] {
+            create_net(&mut st, &req(n, None));
+        }
+        st.apply(&st.plan_remove_network("b").unwrap());
+        let n = create_net(&mut st, &req("d", None));
+        assert_eq!(n.id, 2);
+        assert_eq!(n.bridge, "netctl2");
+        // b's subnet (172.18/16) is free again.
+        assert_eq!(n.subnet, net("172.18.0.0/16"));
+    }
+
+    // ---- remove network ----
+
+    #[test]
+    fn remove_network() {
+        let mut st = base();
+        let e = st.plan_remove_network("x").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::NotFound {
+                    kind: "network",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        connect(&mut st, "n", "s", None);
+        let e = st.plan_remove_network("n").unwrap_err();
+        assert!(matches!(e, ModelError::Conflict(_)), "{e}");
+        assert!(e.to_string().contains("1 endpoints") && e.to_string().contains("disconnect"));
+        st.apply(&st.plan_disconnect("n", "s").unwrap());
+        assert_eq!(
+            st.plan_remove_network("n").unwrap(),
+            vec![Change::DeleteNetwork("n".into())]
+        );
+    }
+
+    // ---- sandboxes ----
+
+    #[test]
+    fn create_sandbox_errors() {
+        let st = base();
+        assert_invalid(st.plan_create_sandbox("a/b", &host(), NOW), "name", "a/b");
+        assert_invalid(st.plan_create_sandbox("..", &host(), NOW), "name", "..");
+        let e = st.plan_create_sandbox("s", &host(), NOW).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::Exists {
+                    kind: "sandbox",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let h = HostNet {
+            netns: vec!["foreign".into()],
+            ..Default::default()
+        };
+        let e = st.plan_create_sandbox("foreign", &h, NOW).unwrap_err();
+        assert!(matches!(e, ModelError::Exists { .. }), "{e}");
+        assert!(e.to_string().contains("not owned by netctl") && e.to_string().contains("foreign"));
+        let c = st.plan_create_sandbox("t", &h, NOW).unwrap();
+        assert_eq!(
+            c,
+            vec![Change::PutSandbox(Sandbox {
+                name: "t".into(),
+                created: NOW.into()
+            })]
+        );
+    }
+
+    #[test]
+    fn remove_sandbox_removes_endpoints_first() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        let e1 = connect(&mut st, "n", "s", None);
+        let e2 = connect(&mut st, "m", "s", None);
+        let e = st.plan_remove_sandbox("x").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ModelError::NotFound {
+                    kind: "sandbox",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let c = st.plan_remove_sandbox("s").unwrap();
+        assert_eq!(c.len(), 3);
+        assert!(c[..2].contains(&Change::DeleteEndpoint(e1.id)));
+        assert!(c[..2].contains(&Change::DeleteEndpoint(e2.id)));
+        assert_eq!(c[2], Change::DeleteSandbox("s".into()));
+        st.apply(&c);
+        assert!(st.endpoints.is_empty() && st.sandboxes.is_empty());
+    }
+
+    // ---- connect ----
+
+    #[test]
+    fn connect_defaults() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        let e = connect(&mut st, "n", "s", None);
+        assert_eq!(e.ip, ip("10.0.0.2"), "gateway .1 skipped");
+        assert_eq!(e.mac, "02:42:0a:00:00:02");
+        assert_eq!(e.ifname, "eth0");
+        assert!(e.default_route);
+        assert_eq!(e.id.len(), 16);
+        assert!(e.id.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(e.host_ifname, format!("nc{}", &e.id[..12]));
+        let e2 = connect(&mut st, "m", "s", None);
+        assert_eq!(e2.ifname, "eth1");
+        assert!(!e2.default_route);
+        assert_eq!(st.endpoints_of_sandbox("s"), vec![&e, &e2]);
+        assert_eq!(st.endpoints_of_network("m"), vec![&e2]);
+    }
+
+    #[test]
+    fn connect_not_found_and_already_connected() {
+        let mut st = base();
+        let e = st.plan_connect(&conn("x", "s", None)).unwrap_err();
+        assert_eq!(
+            e,
+            ModelError::NotFound {
+                kind: "network",
+                name: "x".into()
+            }
+        );
+        let e = st.plan_connect(&conn("n", "x", None)).unwrap_err();
+        assert_eq!(
+            e,
+            ModelError::NotFound {
+                kind: "sandbox",
+                name: "x".into()
+            }
+        );
+        connect(&mut st, "n", "s", None);
+        let e = st.plan_connect(&conn("n", "s", None)).unwrap_err();
+        assert!(
+            matches!(e, ModelError::Conflict(_)) && e.to_string().contains("already connected")
+        );
+    }
+
+    #[test]
+    fn connect_static_ip_errors() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            aux_addresses: vec!["router=10.0.0.5".into()],
+            ..req("n", Some("10.0.0.0/24"))
+        };
+        create_net(&mut st, &r);
+        create_sb(&mut st, "s");
+        create_sb(&mut st, "t");
+        connect(&mut st, "n", "t", Some("10.0.0.9"));
+        let p = |ip: &str| st.plan_connect(&conn("n", "s", Some(ip)));
+        assert!(assert_invalid(p("10.0.0"), "ip", "10.0.0").contains("not an IPv4"));
+        assert!(assert_invalid(p("10.0.1.2"), "ip", "10.0.1.2").contains("not inside"));
+        assert!(assert_invalid(p("10.0.0.0"), "ip", "10.0.0.0").contains("network address"));
+        assert!(assert_invalid(p("10.0.0.255"), "ip", "10.0.0.255").contains("broadcast"));
+        assert!(assert_invalid(p("10.0.0.1"), "ip", "10.0.0.1").contains("gateway"));
+        assert!(assert_invalid(p("10.0.0.5"), "ip", "10.0.0.5").contains("\"router\""));
+        assert!(assert_invalid(p("10.0.0.9"), "ip", "10.0.0.9").contains("\"t\""));
+        let c = p("10.0.0.10").unwrap();
+        let [Change::PutEndpoint(e)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(e.ip, ip("10.0.0.10"));
+    }
+
+    #[test]
+    fn connect_aliases() {
+        let mut st = base();
+        let mut r = conn("n", "s", None);
+        r.aliases = vec!["web".into(), "bad alias".into()];
+        assert_invalid(st.plan_connect(&r), "alias", "bad alias");
+        r.aliases = vec!["web".into(), "db".into(), "web".into()];
+        let c = st.plan_connect(&r).unwrap();
+        st.apply(&c);
+        let [Change::PutEndpoint(e)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(e.aliases, vec!["web".to_string(), "db".to_string()]);
+    }
+
+    #[test]
+    fn allocation_respects_range_aux_and_gateway() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            ip_range: Some("10.0.0.0/29".into()), // .0-.7; hosts .1-.7
+            gateway: Some("10.0.0.2".into()),
+            aux_addresses: vec!["a=10.0.0.1".into(), "b=10.0.0.4".into()],
+            ..req("n", Some("10.0.0.0/24"))
+        };
+        create_net(&mut st, &r);
+        let mut got = Vec::new();
+        for i in 0..4 {
+            let sb = format!("s{i}");
+            create_sb(&mut st, &sb);
+            got.push(connect(&mut st, "n", &sb, None).ip);
+        }
+        assert_eq!(
+            got,
+            ["10.0.0.3", "10.0.0.5", "10.0.0.6", "10.0.0.7"].map(ip)
+        );
+        assert_eq!(st.address_usage("n"), Some((4, 4)));
+        // The range is exhausted; a static address outside it still works.
+        create_sb(&mut st, "x");
+        let e = st.plan_connect(&conn("n", "x", None)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network \"n\": no free address left in 10.0.0.0/29 (ip-range of 10.0.0.0/24)"
+        );
+        connect(&mut st, "n", "x", Some("10.0.0.100"));
+        assert_eq!(st.address_usage("n"), Some((5, 5)));
+        assert_eq!(st.address_usage("nope"), None);
+    }
+
+    #[test]
+    fn exhaustion_of_small_subnets() {
+        // /30: hosts .1 (gateway) and .2: one endpoint.
+        let mut st = State::default();
+        create_net(&mut st, &req("n", Some("10.0.0.0/30")));
+        assert_eq!(st.address_usage("n"), Some((1, 0)));
+        create_sb(&mut st, "a");
+        create_sb(&mut st, "b");
+        assert_eq!(connect(&mut st, "n", "a", None).ip, ip("10.0.0.2"));
+        let e = st.plan_connect(&conn("n", "b", None)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network \"n\": no free address left in 10.0.0.0/30"
+        );
+        assert_eq!(e.status(), 409);
+
+        // /29: hosts .1-.6, gateway .1: five endpoints.
+        create_net(&mut st, &req("m", Some("10.0.1.0/29")));
+        let mut ips = Vec::new();
+        for i in 0..5 {
+            let sb = format!("m{i}");
+            create_sb(&mut st, &sb);
+            ips.push(connect(&mut st, "m", &sb, None).ip);
+        }
+        assert_eq!(*ips.last().unwrap(), ip("10.0.1.6"));
+        assert_eq!(st.address_usage("m"), Some((5, 5)));
+        assert!(st.plan_connect(&conn("m", "a", None)).is_err());
+        // Freeing one makes exactly that one available again.
+        st.apply(&st.plan_disconnect("m", "m2").unwrap());
+        assert_eq!(connect(&mut st, "m", "a", None).ip, ips[2]);
+    }
+
+    #[test]
+    fn fifty_connects_no_leak() {
+        let mut st = State::default();
+        create_net(&mut st, &req("n", Some("10.0.0.0/16")));
+        let used = |st: &State| -> BTreeSet<Ipv4Addr> {
+            st.endpoints_of_network("n").iter().map(|e| e.ip).collect()
+        };
+        for i in 0..50 {
+            let sb = format!("s{i}");
+            create_sb(&mut st, &sb);
+            connect(&mut st, "n", &sb, None);
+        }
+        let first = used(&st);
+        assert_eq!(first.len(), 50);
+        assert_eq!(st.address_usage("n"), Some((65533, 50)));
+        for i in 0..50 {
+            st.apply(&st.plan_disconnect("n", &format!("s{i}")).unwrap());
+        }
+        assert!(st.endpoints.is_empty());
+        assert_eq!(st.address_usage("n"), Some((65533, 0)));
+        for i in 0..50 {
+            connect(&mut st, "n", &format!("s{i}"), None);
+        }
+        let second = used(&st);
+        assert_eq!(second.len(), 50);
+        assert_eq!(first, second, "the same lowest 50 addresses are reused");
+    }
+
+    // ---- disconnect ----
+
+    #[test]
+    fn disconnect() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        create_sb(&mut st, "t");
+        let e = st.plan_disconnect("x", "s").unwrap_err();
+        assert_eq!(
+            e,
+            ModelError::NotFound {
+                kind: "network",
+                name: "x".into()
+            }
+        );
+        let e = st.plan_disconnect("n", "x").unwrap_err();
+        assert_eq!(
+            e,
+            ModelError::NotFound {
+                kind: "sandbox",
+                name: "x".into()
+            }
+        );
+        let e = st.plan_disconnect("n", "s").unwrap_err();
+        assert!(matches!(e, ModelError::Conflict(_)) && e.to_string().contains("not connected"));
+
+        let e0 = connect(&mut st, "n", "s", None);
+        let e1 = connect(&mut st, "m", "s", None);
+        connect(&mut st, "n", "t", None);
+        let c = st.plan_disconnect("n", "s").unwrap();
+        assert_eq!(c, vec![Change::DeleteEndpoint(e0.id.clone())]);
+        st.apply(&c);
+        // The default route is not moved to the remaining endpoint.
+        assert!(!st.endpoints[&e1.id].default_route);
+        // Reconnecting takes the lowest free ifname (eth0) and the default route again.
+        let again = connect(&mut st, "n", "s", None);
+        assert_eq!(again.ifname, "eth0");
+        assert!(again.default_route);
+        assert_eq!(st.endpoints_of_network("n").len(), 2);
+    }
+
+    #[test]
+    fn internal_network_gives_no_default_route() {
+        let mut st = base();
+        let r = CreateNetwork {
+            internal: true,
+            ..req("i", Some("10.2.0.0/24"))
+        };
+        create_net(&mut st, &r);
+        create_sb(&mut st, "t");
+        assert!(!connect(&mut st, "i", "t", None).default_route);
+        assert!(connect(&mut st, "n", "t", None).default_route);
+    }
+
+    #[test]
+    fn planning_is_pure() {
+        let mut st = base();
+        connect(&mut st, "n", "s", None);
+        let before = st.clone();
+        let _ = st
+            .plan_create_network(&req("m", None), &host(), NOW)
+            .unwrap();
+        let _ = st.plan_create_sandbox("t", &host(), NOW).unwrap();
+        let _ = st.plan_connect(&conn("n", "s", None)).unwrap_err();
+        let _ = st.plan_disconnect("n", "s").unwrap();
+        let _ = st.plan_remove_sandbox("s").unwrap();
+        let _ = st.plan_remove_network("n").unwrap_err();
+        assert_eq!(st, before);
     }
 }

@@ -5,8 +5,8 @@
 //! `Option` fields: the kernel hashes and copies these as raw bytes (a padding byte inside a
 //! hash key would make two equal keys differ).
 //!
-//! Byte order: fields whose name ends in `_be` hold network byte order, exactly as the bytes
-//! sit in a packet; every other integer is in host byte order.
+//! Byte order: IPv4 addresses are `[u8; 4]` in network byte order, exactly as the bytes sit in
+//! a packet (and as bpftool prints them: `[10,77,0,3]`); every integer is in host byte order.
 #![no_std]
 
 use core::mem::size_of;
@@ -32,8 +32,8 @@ pub const NET_F_INTERNAL: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IfaceInfo {
-    /// The endpoint's IPv4 address, network byte order.
-    pub ip_be: u32,
+    /// The endpoint's IPv4 address.
+    pub ip: [u8; 4],
     /// The netctl network id (host order, never 0).
     pub net_id: u32,
     /// `NET_F_*` flags of the network.
@@ -44,8 +44,8 @@ pub struct IfaceInfo {
 }
 const _: () = assert!(size_of::<IfaceInfo>() == 20);
 
-/// Value of the `SUBNETS` LPM trie, whose key is an IPv4 prefix in network byte order
-/// (`Key<u32>`: prefix length in bits, then the address bytes).
+/// Value of the `SUBNETS` LPM trie, whose key is an IPv4 prefix
+/// (`Key<[u8; 4]>`: prefix length in bits, then the address bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SubnetInfo {
@@ -62,8 +62,8 @@ const _: () = assert!(size_of::<SubnetInfo>() == 8);
 pub struct EndpointKey {
     /// The netctl network id (host order).
     pub net_id: u32,
-    /// The endpoint's IPv4 address, network byte order.
-    pub ip_be: u32,
+    /// The endpoint's IPv4 address.
+    pub ip: [u8; 4],
 }
 const _: () = assert!(size_of::<EndpointKey>() == 8);
 

@@ -86,10 +86,10 @@ fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
     match eth.proto_be {
         ETH_P_IP_BE => {
             let ip = ipv4(ctx)?;
-            if ip.src_be != ep.ip_be {
+            if ip.src != ep.ip {
                 return Err(DropReason::SpoofedIp);
             }
-            policy::check_peer(&ep, ip.dst_be)
+            policy::check_peer(&ep, ip.dst)
         }
         ETH_P_ARP_BE => {
             let a = arp(ctx)?;
@@ -97,8 +97,7 @@ fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
                 return Err(DropReason::SpoofedMac);
             }
             // 0.0.0.0 is an ARP probe (RFC 5227 section 2.1.1), which is not a claim.
-            let spa = u32::from_ne_bytes(a.spa);
-            if spa != ep.ip_be && spa != 0 {
+            if a.spa != ep.ip && a.spa != [0; 4] {
                 return Err(DropReason::SpoofedIp);
             }
             Ok(())
@@ -121,7 +120,7 @@ fn try_to_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
     match eth.proto_be {
         ETH_P_IP_BE => {
             let ip = ipv4(ctx)?;
-            policy::check_peer(&ep, ip.src_be)
+            policy::check_peer(&ep, ip.src)
         }
         ETH_P_ARP_BE => arp(ctx).map(|_| ()),
         _ => Err(DropReason::UnsupportedL3),

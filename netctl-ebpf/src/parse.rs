@@ -31,8 +31,8 @@ pub struct Ipv4Hdr {
     pub ttl: u8,
     pub proto: u8,
     pub check: u16,
-    pub src_be: u32,
-    pub dst_be: u32,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
 }
 pub const IPV4_MIN_HLEN: usize = 20;
 

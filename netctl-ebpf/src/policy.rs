@@ -13,9 +13,9 @@ use netctl_common::{
 #[btf_map]
 pub static IFACES: HashMap<u32, IfaceInfo, { MAX_IFACES as usize }> = HashMap::new();
 
-/// IPv4 prefix (network byte order) -> the netctl network that owns it.
+/// IPv4 prefix -> the netctl network that owns it.
 #[btf_map]
-pub static SUBNETS: LpmTrie<u32, SubnetInfo, { MAX_SUBNETS as usize }> = LpmTrie::new();
+pub static SUBNETS: LpmTrie<[u8; 4], SubnetInfo, { MAX_SUBNETS as usize }> = LpmTrie::new();
 
 /// (network, address) -> where the endpoint lives. Read by the service and overlay paths.
 #[btf_map]
@@ -31,17 +31,17 @@ pub fn iface(ifindex: u32) -> Result<IfaceInfo, DropReason> {
 }
 
 #[inline(always)]
-fn subnet_of(addr_be: u32) -> Option<SubnetInfo> {
-    SUBNETS.get(&Key::new(32, addr_be)).copied()
+fn subnet_of(addr: [u8; 4]) -> Option<SubnetInfo> {
+    SUBNETS.get(&Key::new(32, addr)).copied()
 }
 
-/// A packet between `ep` and the address `peer_be` (its destination when leaving the
+/// A packet between `ep` and the address `peer` (its destination when leaving the
 /// endpoint, its source when entering it): allowed within the endpoint's network and, unless
 /// the network is internal, to or from addresses no netctl network owns (the host, the
 /// outside). Never to or from another netctl network.
 #[inline(always)]
-pub fn check_peer(ep: &IfaceInfo, peer_be: u32) -> Result<(), DropReason> {
-    match subnet_of(peer_be) {
+pub fn check_peer(ep: &IfaceInfo, peer: [u8; 4]) -> Result<(), DropReason> {
+    match subnet_of(peer) {
         Some(s) if s.net_id == ep.net_id => Ok(()),
         Some(_) => Err(DropReason::Isolation),
         None if ep.flags & NET_F_INTERNAL != 0 => Err(DropReason::Internal),

@@ -183,9 +183,7 @@ fn veth_spec(state: &State, ep: &Endpoint) -> Option<VethSpec> {
 
 /// Whether `name` is a host-side endpoint veth by netctl's naming (`nc` + 12 hex digits).
 fn is_endpoint_veth(name: &str) -> bool {
-    name.len() == 14
-        && name.starts_with("nc")
-        && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+    name.len() == 14 && name.starts_with("nc") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether `name` is a bridge by netctl's default naming (`netctl` + the network id).
@@ -284,14 +282,17 @@ impl Agent {
         // Prune veths and default-named bridges that no desired object accounts for.
         let wanted_veths: std::collections::BTreeSet<&str> =
             endpoints.iter().map(|e| e.host_ifname.as_str()).collect();
-        let wanted_bridges: std::collections::BTreeSet<&str> =
-            self.state.networks.values().map(|n| n.bridge.as_str()).collect();
+        let wanted_bridges: std::collections::BTreeSet<&str> = self
+            .state
+            .networks
+            .values()
+            .map(|n| n.bridge.as_str())
+            .collect();
         match self.nl.link_names().await {
             Ok(names) => {
                 for name in names {
                     let stale_veth = is_endpoint_veth(&name) && !wanted_veths.contains(&*name);
-                    let stale_bridge =
-                        is_default_bridge(&name) && !wanted_bridges.contains(&*name);
+                    let stale_bridge = is_default_bridge(&name) && !wanted_bridges.contains(&*name);
                     if stale_veth || stale_bridge {
                         match self.nl.delete_link(&name).await {
                             Ok(()) => report.netlink.removed += 1,
@@ -453,7 +454,9 @@ impl Agent {
 
     pub async fn create_network(&mut self, req: CreateNetwork) -> Result<NetworkView> {
         let host = self.host_net().await?;
-        let changes = self.state.plan_create_network(&req, &host, &now_rfc3339())?;
+        let changes = self
+            .state
+            .plan_create_network(&req, &host, &now_rfc3339())?;
         self.create_with(changes, async |a: &mut Agent| {
             let n = a.state.networks[&req.name].clone();
             a.nl.ensure_bridge(&n.bridge, gateway_net(&n)).await?;

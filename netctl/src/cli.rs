@@ -1,4 +1,678 @@
-//! The `netctl` command line.
+//! The `netctl` command line, in the habits of `docker network`.
+//!
+//! Every command but `up` is a client of the agent's socket. Success exits 0; any failure
+//! prints one line on stderr and exits non-zero.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use crate::agent::{NetworkView, SandboxView, Status};
+use crate::api::{ConnectBody, CreateSandbox, DisconnectBody};
+use crate::client::Client;
+use crate::datapath::Stats;
+use crate::model::{CreateNetwork, Endpoint};
+
+pub const DEFAULT_SOCKET: &str = "/run/netctl/netctl.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/netctl";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/netctl";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "netctl",
+    version,
+    about = "Container networking with an eBPF data plane, in the habits of `docker network`"
+)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, env = "NETCTL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the node agent (loads and pins the data plane, serves the API).
+    Up(UpArgs),
+    /// Remove everything netctl put in the kernel and stop the agent (the store is kept).
+    Down,
+    /// Agent, node, attached programs and map usage.
+    Status(FormatArg),
+    /// Data-plane counters summed over CPUs: packets, bytes, drops by reason.
+    Stats(FormatArg),
+    /// Reconcile the kernel with the store now, and show what had to be repaired.
+    Reconcile(FormatArg),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage sandboxes (named network namespaces).
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Where the embedded store lives.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Where maps, programs and links are pinned (on bpffs).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// The node's uplink interface (gets the uplink program).
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// Seconds between full reconciliations of the kernel against the store.
+    #[arg(long, default_value_t = 30)]
+    pub resync_interval: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct FormatArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    /// Create a network.
+    Create {
+        name: String,
+        /// Driver to manage the network.
+        #[arg(short = 'd', long, default_value = "bridge")]
+        driver: String,
+        /// Subnet in CIDR format (default: a free one from the default pool).
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Allocate endpoint addresses from this sub-range.
+        #[arg(long)]
+        ip_range: Option<String>,
+        /// Gateway address (default: the first address of the subnet).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Address IPAM must not hand out, KEY=IP.
+        #[arg(long = "aux-address")]
+        aux_address: Vec<String>,
+        /// Driver option, KEY=VALUE (com.docker.network.bridge.name=NAME names the bridge).
+        #[arg(short = 'o', long = "opt")]
+        opt: Vec<String>,
+        /// Restrict external access to the network.
+        #[arg(long)]
+        internal: bool,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Only names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Display detailed information on one or more networks (JSON).
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Remove one or more networks.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Connect a sandbox to a network.
+    Connect {
+        network: String,
+        sandbox: String,
+        /// IPv4 address (default: the next free one).
+        #[arg(long)]
+        ip: Option<String>,
+        /// Network-scoped alias for the sandbox.
+        #[arg(long = "alias")]
+        alias: Vec<String>,
+    },
+    /// Disconnect a sandbox from a network.
+    Disconnect { network: String, sandbox: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCmd {
+    /// Create a sandbox: a named network namespace with `lo` up.
+    Create { name: String },
+    /// List sandboxes.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove one or more sandboxes (disconnecting them from every network).
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// Entry point of the binary: returns the exit code.
 pub fn main() -> i32 {
-    0
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    2
+                } else {
+                    0
+                };
+            }
+            // One line, as for every other error.
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{line}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            1
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for c in e.chain().skip(1) {
+        let c = c.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s.replace('\n', " ")
+}
+
+/// Percent-encodes a name for a URL path segment (RFC 3986 section 2.3 unreserved set
+/// passes through). Names are validated by the agent; this only keeps a bad one from
+/// changing the path.
+fn seg(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A name that is part of a URL path must not be empty (the path would name the list).
+fn path_name(kind: &str, name: &str) -> anyhow::Result<String> {
+    if name.is_empty() {
+        anyhow::bail!("{kind}: invalid value \"\": must not be empty");
+    }
+    Ok(seg(name))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let c = Client::new(&cli.socket);
+    match cli.cmd {
+        Cmd::Up(args) => up(cli.socket, args).await,
+        Cmd::Down => {
+            let _: Value = c.post("/v1/down", &serde_json::json!({})).await?;
+            println!(
+                "netctl is down: its links, programs, maps, bridges, veths and sandboxes are gone; the store is kept"
+            );
+            Ok(())
+        }
+        Cmd::Status(f) => {
+            let s: Status = c.get("/v1/status").await?;
+            print_status(&s, f.format)
+        }
+        Cmd::Stats(f) => {
+            let s: Stats = c.get("/v1/stats").await?;
+            print_stats(&s, f.format)
+        }
+        Cmd::Reconcile(f) => {
+            let r: crate::reconcile::Report =
+                c.post("/v1/reconcile", &serde_json::json!({})).await?;
+            if f.format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                table(
+                    &["KIND", "ADDED", "UPDATED", "REMOVED"],
+                    [("netlink", r.netlink), ("maps", r.maps), ("links", r.links)]
+                        .iter()
+                        .map(|(k, d)| {
+                            vec![
+                                k.to_string(),
+                                d.added.to_string(),
+                                d.updated.to_string(),
+                                d.removed.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            Ok(())
+        }
+        Cmd::Network(n) => network(&c, n).await,
+        Cmd::Sandbox(s) => sandbox(&c, s).await,
+    }
+}
+
+async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !nix::unistd::Uid::effective().is_root() {
+        anyhow::bail!("netctl up must run as root (it loads eBPF programs and creates links)");
+    }
+    // Bind first: a second agent on the same socket must not touch the kernel at all.
+    let listener = crate::api::bind(&socket).await?;
+    let opts = crate::agent::Options {
+        state_dir: args.state_dir,
+        socket: socket.clone(),
+        pin_dir: args.pin_dir,
+        uplink: args.uplink,
+        resync: Duration::from_secs(args.resync_interval.max(1)),
+    };
+    let agent = match crate::agent::Agent::start(opts.clone()).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    crate::agent::spawn_resync(agent.clone(), opts.resync);
+    tracing::info!(socket = %socket.display(), "serving the API");
+    crate::api::serve(agent, listener, &socket)
+        .await
+        .context("serve the API")
+}
+
+async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create {
+            name,
+            driver,
+            subnet,
+            ip_range,
+            gateway,
+            aux_address,
+            opt,
+            internal,
+        } => {
+            let req = CreateNetwork {
+                name,
+                driver: Some(driver),
+                subnet,
+                ip_range,
+                gateway,
+                aux_addresses: aux_address,
+                options: opt,
+                internal,
+            };
+            let n: NetworkView = c.post("/v1/networks", &req).await?;
+            println!("{}", n.network.name);
+        }
+        NetworkCmd::Ls { format, quiet } => {
+            let ns: Vec<NetworkView> = c.get("/v1/networks").await?;
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&ns)?);
+            } else if quiet {
+                for n in &ns {
+                    println!("{}", n.network.name);
+                }
+            } else {
+                let rows = ns
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.network.name.clone(),
+                            n.network.driver.clone(),
+                            n.network.subnet.to_string(),
+                            n.network.gateway.to_string(),
+                            n.network.bridge.clone(),
+                            if n.network.internal { "yes" } else { "no" }.into(),
+                            n.endpoints.len().to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME",
+                        "DRIVER",
+                        "SUBNET",
+                        "GATEWAY",
+                        "BRIDGE",
+                        "INTERNAL",
+                        "ENDPOINTS",
+                    ],
+                    rows,
+                );
+            }
+        }
+        NetworkCmd::Inspect { names, format: _ } => {
+            // Like `docker network inspect`: a JSON array, one object per name.
+            let mut out = Vec::new();
+            for n in &names {
+                let v: NetworkView = c
+                    .get(&format!("/v1/networks/{}", path_name("network", n)?))
+                    .await?;
+                out.push(v);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        NetworkCmd::Rm { names } => {
+            for n in &names {
+                let _: Value = c
+                    .delete(&format!("/v1/networks/{}", path_name("network", n)?))
+                    .await?;
+                println!("{n}");
+            }
+        }
+        NetworkCmd::Connect {
+            network,
+            sandbox,
+            ip,
+            alias,
+        } => {
+            let body = ConnectBody {
+                sandbox,
+                ip,
+                aliases: alias,
+            };
+            let ep: Endpoint = c
+                .post(
+                    &format!("/v1/networks/{}/connect", path_name("network", &network)?),
+                    &body,
+                )
+                .await?;
+            println!("{} {} {}", ep.ifname, ep.ip, ep.id);
+        }
+        NetworkCmd::Disconnect { network, sandbox } => {
+            let _: Value = c
+                .post(
+                    &format!(
+                        "/v1/networks/{}/disconnect",
+                        path_name("network", &network)?
+                    ),
+                    &DisconnectBody { sandbox },
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn sandbox(c: &Client, cmd: SandboxCmd) -> anyhow::Result<()> {
+    match cmd {
+        SandboxCmd::Create { name } => {
+            let s: SandboxView = c.post("/v1/sandboxes", &CreateSandbox { name }).await?;
+            println!("{}", s.sandbox.name);
+        }
+        SandboxCmd::Ls { format, quiet } => {
+            let ss: Vec<SandboxView> = c.get("/v1/sandboxes").await?;
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&ss)?);
+            } else if quiet {
+                for s in &ss {
+                    println!("{}", s.sandbox.name);
+                }
+            } else {
+                let rows = ss
+                    .iter()
+                    .map(|s| {
+                        let eps = s
+                            .endpoints
+                            .iter()
+                            .map(|e| format!("{}:{}={}", e.network, e.ifname, e.ip))
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        vec![s.sandbox.name.clone(), s.netns.clone(), eps]
+                    })
+                    .collect();
+                table(&["NAME", "NETNS", "ENDPOINTS"], rows);
+            }
+        }
+        SandboxCmd::Rm { names } => {
+            for n in &names {
+                let _: Value = c
+                    .delete(&format!("/v1/sandboxes/{}", path_name("sandbox", n)?))
+                    .await?;
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_status(s: &Status, f: Format) -> anyhow::Result<()> {
+    if f == Format::Json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let a = &s.agent;
+    println!("Agent:      running (pid {}, netctl {})", a.pid, a.version);
+    println!("Node:       {}", a.node);
+    println!("Socket:     {}", a.socket);
+    println!("Store:      {}", a.store);
+    println!(
+        "Pins:       {} ({})",
+        a.pin_dir,
+        if a.adopted {
+            "adopted from an earlier agent"
+        } else {
+            "loaded by this agent"
+        }
+    );
+    println!("Uplink:     {}", a.uplink.as_deref().unwrap_or("-"));
+    println!(
+        "State:      {} networks, {} sandboxes, {} endpoints",
+        s.networks, s.sandboxes, s.endpoints
+    );
+    println!(
+        "Reconcile:  {} runs, {} objects repaired{}",
+        s.reconcile.runs,
+        s.reconcile.drift_repaired,
+        s.reconcile
+            .last_error
+            .as_ref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
+    );
+    println!();
+    table(
+        &["PROGRAM", "INTERFACE", "HOOK"],
+        s.programs
+            .iter()
+            .map(|p| vec![p.program.clone(), p.interface.clone(), p.hook.clone()])
+            .collect(),
+    );
+    println!();
+    table(
+        &["MAP", "ENTRIES", "MAX", "FULL", "PIN"],
+        s.maps
+            .iter()
+            .map(|m| {
+                vec![
+                    m.name.clone(),
+                    m.entries.to_string(),
+                    m.max_entries.to_string(),
+                    format!(
+                        "{:.1}%",
+                        100.0 * m.entries as f64 / f64::from(m.max_entries.max(1))
+                    ),
+                    m.pin.clone(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+fn print_stats(s: &Stats, f: Format) -> anyhow::Result<()> {
+    if f == Format::Json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let mut rows = vec![
+        vec![
+            "pass".into(),
+            "from_endpoints".into(),
+            s.from_endpoints.packets.to_string(),
+            s.from_endpoints.bytes.to_string(),
+        ],
+        vec![
+            "pass".into(),
+            "to_endpoints".into(),
+            s.to_endpoints.packets.to_string(),
+            s.to_endpoints.bytes.to_string(),
+        ],
+        vec![
+            "pass".into(),
+            "uplink".into(),
+            s.uplink.packets.to_string(),
+            s.uplink.bytes.to_string(),
+        ],
+    ];
+    for (reason, c) in &s.drops {
+        rows.push(vec![
+            "drop".into(),
+            reason.clone(),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
+    table(&["VERDICT", "COUNTER", "PACKETS", "BYTES"], rows);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses_docker_style_network_create() {
+        let c = Cli::try_parse_from([
+            "netctl",
+            "network",
+            "create",
+            "n1",
+            "-d",
+            "bridge",
+            "--subnet",
+            "10.9.0.0/24",
+            "--ip-range",
+            "10.9.0.128/25",
+            "--gateway",
+            "10.9.0.254",
+            "--aux-address",
+            "a=10.9.0.5",
+            "--aux-address",
+            "b=10.9.0.6",
+            "-o",
+            "com.docker.network.bridge.name=br9",
+            "--internal",
+        ])
+        .unwrap();
+        let Cmd::Network(NetworkCmd::Create {
+            aux_address,
+            opt,
+            internal,
+            ..
+        }) = c.cmd
+        else {
+            panic!("wrong command")
+        };
+        assert_eq!(aux_address, vec!["a=10.9.0.5", "b=10.9.0.6"]);
+        assert_eq!(opt, vec!["com.docker.network.bridge.name=br9"]);
+        assert!(internal);
+    }
+
+    #[test]
+    fn up_accepts_socket_after_the_subcommand() {
+        let c = Cli::try_parse_from([
+            "netctl",
+            "up",
+            "--state-dir",
+            "/tmp/x",
+            "--socket",
+            "/tmp/x.sock",
+            "--pin-dir",
+            "/sys/fs/bpf/x",
+            "--uplink",
+            "eth0",
+        ])
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+    }
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(seg("a/b"), "a%2Fb");
+        assert_eq!(seg("web-1.x_y"), "web-1.x_y");
+        assert!(path_name("network", "").is_err());
+    }
 }

@@ -2,7 +2,7 @@
 //! attach the programs to endpoint veths and the uplink.
 //!
 //! Pins live under `<pin-dir>/v<LAYOUT_VERSION>/` (`maps/NAME`, `progs/NAME`,
-//! `links/IFNAME.in|out`). The first agent loads the object and pins everything; every later
+//! `links/IFNAME_in|out`; bpffs refuses names with a dot). The first agent loads the object and pins everything; every later
 //! agent adopts the pins instead of loading again, so that a restart (or a SIGKILL) never
 //! detaches a program or empties a map: the links are pinned too, and the kernel keeps them
 //! attached with no process holding them.
@@ -38,13 +38,13 @@ pub enum DatapathError {
     NoObject,
     #[error("load the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", chain(source.as_ref()))]
     Program {
         what: String,
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", chain(source.as_ref()))]
     Map {
         what: String,
         #[source]
@@ -61,6 +61,18 @@ pub enum DatapathError {
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// An error and its sources on one line (aya's errors keep the errno in a source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     let what = what.into();
@@ -180,7 +192,7 @@ pub struct Datapath {
     /// Whether this agent found everything pinned by an earlier one.
     pub adopted: bool,
     ifaces: HashMap<MapData, u32, IfaceInfo>,
-    subnets: LpmTrie<MapData, u32, SubnetInfo>,
+    subnets: LpmTrie<MapData, [u8; 4], SubnetInfo>,
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     counters: PerCpuArray<MapData, Counter>,
     from_endpoint: SchedClassifier,
@@ -206,10 +218,10 @@ impl Datapath {
         root.join("links")
     }
     fn link_pin(root: &Path, ifname: &str, dir: Dir) -> PathBuf {
-        Self::link_dir(root).join(format!("{ifname}.{}", dir.suffix()))
+        Self::link_dir(root).join(format!("{ifname}_{}", dir.suffix()))
     }
     fn uplink_pin(root: &Path, ifname: &str) -> PathBuf {
-        Self::link_dir(root).join(format!("uplink-{ifname}.in"))
+        Self::link_dir(root).join(format!("uplink-{ifname}_in"))
     }
 
     fn all_pins(root: &Path) -> Vec<PathBuf> {
@@ -265,7 +277,7 @@ impl Datapath {
                 .map_err(prog_err(format!("load program {name}")))?;
             prog.pin(&path).map_err(|e| DatapathError::Pin {
                 path: path.clone(),
-                detail: e.to_string(),
+                detail: chain(&e),
             })?;
         }
         for name in names::MAPS {
@@ -276,7 +288,7 @@ impl Datapath {
             })?;
             map.pin(&path).map_err(|e| DatapathError::Pin {
                 path: path.clone(),
-                detail: e.to_string(),
+                detail: chain(&e),
             })?;
         }
         tracing::info!(root = %root.display(), "loaded and pinned the eBPF object");
@@ -359,11 +371,11 @@ impl Datapath {
             .try_into()
             .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
                 path: pin.to_owned(),
-                detail: e.to_string(),
+                detail: chain(&e),
             })?;
         fd.pin(pin).map_err(|e| DatapathError::Pin {
             path: pin.to_owned(),
-            detail: e.to_string(),
+            detail: chain(&e),
         })?;
         Ok(true)
     }
@@ -399,7 +411,7 @@ impl Datapath {
             if name.starts_with("uplink-") {
                 continue;
             }
-            if let Some((ifname, _)) = name.rsplit_once('.') {
+            if let Some((ifname, _)) = name.rsplit_once('_') {
                 out.insert(ifname.to_owned());
             }
         }
@@ -427,7 +439,7 @@ impl Datapath {
             .collect();
         names.sort();
         for name in names {
-            let Some((base, hook)) = name.rsplit_once('.') else {
+            let Some((base, hook)) = name.rsplit_once('_') else {
                 continue;
             };
             let (program, interface, hook) = match (base.strip_prefix("uplink-"), hook) {
@@ -579,16 +591,13 @@ fn sync_map<K: Ord + Copy, V: PartialEq + Copy>(
     Ok(d)
 }
 
-/// An LPM key for an IPv4 prefix (address bytes in network order).
-fn lpm_key(net: &Ipv4Net) -> Key<u32> {
-    Key::new(
-        u32::from(net.prefix_len()),
-        u32::from_ne_bytes(net.network().octets()),
-    )
+/// An LPM key for an IPv4 prefix.
+fn lpm_key(net: &Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
 }
 
-fn net_of_key(k: &Key<u32>) -> Option<Ipv4Net> {
-    let addr = Ipv4Addr::from(k.data().to_ne_bytes());
+fn net_of_key(k: &Key<[u8; 4]>) -> Option<Ipv4Net> {
+    let addr = Ipv4Addr::from(k.data());
     Ipv4Net::new(addr, u8::try_from(k.prefix_len()).ok()?).ok()
 }
 
@@ -768,8 +777,7 @@ mod tests {
         let n: Ipv4Net = "172.18.0.0/16".parse().unwrap();
         let k = lpm_key(&n);
         assert_eq!(k.prefix_len(), 16);
-        // Network byte order: the first octet is the lowest-addressed byte.
-        assert_eq!(k.data().to_ne_bytes(), [172, 18, 0, 0]);
+        assert_eq!(k.data(), [172, 18, 0, 0]);
         assert_eq!(net_of_key(&k), Some(n));
     }
 }

@@ -614,6 +614,9 @@ impl Netlink {
         };
 
         let index = host.header.index;
+        // The host side carries no IPv6 either: its router and neighbour solicitations
+        // would only be dropped by the endpoint program (IPv4 and ARP only).
+        changed |= disable_ipv6(&spec.host_ifname)?;
         if link_controller(&host) != Some(bridge_index) {
             info!(veth = %spec.host_ifname, bridge = %spec.bridge, "attaching to bridge");
             self.set_link(

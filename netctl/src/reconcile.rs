@@ -43,10 +43,6 @@ pub fn net_flags(n: &Network) -> u32 {
     if n.internal { NET_F_INTERNAL } else { 0 }
 }
 
-fn be(ip: std::net::Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
 /// The maps and links `state` asks for. Endpoints whose veth has no known ifindex (it could
 /// not be created) get no `IFACES` entry and no link, so nothing half-made carries traffic.
 pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
@@ -71,7 +67,7 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
         d.endpoints.insert(
             EndpointKey {
                 net_id: net.id,
-                ip_be: be(ep.ip),
+                ip: ep.ip.octets(),
             },
             EndpointInfo {
                 ifindex: idx.unwrap_or(0),
@@ -84,7 +80,7 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
             d.ifaces.insert(
                 idx,
                 IfaceInfo {
-                    ip_be: be(ep.ip),
+                    ip: ep.ip.octets(),
                     net_id: net.id,
                     flags: net_flags(net),
                     mac,
@@ -151,7 +147,8 @@ mod tests {
         let mut s = State::default();
         s.networks
             .insert("a".into(), net("a", 1, "10.1.0.0/24", false));
-        s.networks.insert("b".into(), net("b", 2, "10.2.0.0/24", true));
+        s.networks
+            .insert("b".into(), net("b", 2, "10.2.0.0/24", true));
         for sb in ["x", "y", "z"] {
             s.sandboxes.insert(
                 sb.into(),
@@ -191,7 +188,7 @@ mod tests {
         assert_eq!(d.ifaces.len(), 3);
         let i = d.ifaces[&13];
         assert_eq!(i.net_id, 2);
-        assert_eq!(i.ip_be.to_ne_bytes(), [10, 2, 0, 2]);
+        assert_eq!(i.ip, [10, 2, 0, 2]);
         assert_eq!(i.mac, [0x02, 0x42, 10, 2, 0, 2]);
         assert_eq!(d.links.len(), 3);
     }

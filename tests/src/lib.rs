@@ -1,1 +1,384 @@
+//! Test hosts built from network namespaces, each with its own netctl agent.
+//!
+//! A [`Host`] is a network namespace (`<prefix>h`) in which a real `netctl up` runs (entered
+//! with `nsenter --net`, so it shares the root bpffs and pins under its own directory), with
+//! its own store, socket and pin directory. Sandboxes the tests create carry the host's
+//! prefix (`t<pid>x<n>`), so two runs of the suite (different pids) and two tests of one run
+//! (different n) never share a name. Dropping the host stops its agent and removes every
+//! namespace, pin and file it made, also when the test failed.
 
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The netctl binary under test: `$NETCTL_BIN` (set by `cargo xtask test`), else the
+/// workspace's debug build.
+pub fn netctl_bin() -> PathBuf {
+    std::env::var_os("NETCTL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("debug/netctl")
+        })
+}
+
+pub struct Host {
+    /// Prefix of every name this host's test makes (`t<pid>x<n>`).
+    pub prefix: String,
+    /// The host's network namespace.
+    pub netns: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Host {
+    /// A new host namespace with a running agent.
+    pub fn new() -> Host {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("t{}x{n}", std::process::id());
+        let netns = format!("{prefix}h");
+        let dir = std::env::temp_dir().join(format!("netctl-test-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run_ok("ip", &["netns", "add", &netns]);
+        run_ok("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        let mut h = Host {
+            socket: dir.join("netctl.sock"),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/netctl-test-{prefix}")),
+            prefix,
+            netns,
+            dir,
+            agent: None,
+        };
+        h.start_agent();
+        h
+    }
+
+    /// A name for a sandbox or network of this test.
+    pub fn name(&self, s: &str) -> String {
+        format!("{}{s}", self.prefix)
+    }
+
+    /// Starts `netctl up` inside the host namespace and waits until it answers.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(netctl_bin())
+            .args(["up", "--state-dir"])
+            .arg(self.dir.join("state"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start netctl up");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.netctl(&["status"]).status.success() {
+                return;
+            }
+            if let Some(st) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {st}; log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not answer in 30 s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this host's agent.
+    pub fn netctl(&self, args: &[&str]) -> Output {
+        Command::new(netctl_bin())
+            .args(args)
+            .env("NETCTL_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run netctl")
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.netctl(args);
+        assert!(
+            o.status.success(),
+            "netctl {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Runs the CLI and asserts a failure reported on exactly one stderr line; returns it.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.netctl(args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            !o.status.success(),
+            "netctl {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "netctl {args:?}: error must be one line, got: {err:?}"
+        );
+        err.trim_end().to_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("JSON output")
+    }
+
+    /// Drops counted for `reason`.
+    pub fn drops(&self, reason: &str) -> u64 {
+        self.json(&["stats"])["drops"][reason]["packets"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Creates a sandbox named `<prefix><s>` and returns its name.
+    pub fn sandbox(&self, s: &str) -> String {
+        let name = self.name(s);
+        self.ok(&["sandbox", "create", &name]);
+        name
+    }
+
+    /// Connects and returns the endpoint address.
+    pub fn connect(&self, network: &str, sandbox: &str) -> Ipv4Addr {
+        let out = self.ok(&["network", "connect", network, sandbox]);
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// What a bad request must leave untouched: the store's view, links in the host, the
+    /// namespaces of this test and the map fill.
+    pub fn snapshot(&self) -> Value {
+        let links = Command::new("ip")
+            .args(["-n", &self.netns, "-o", "link", "show"])
+            .output()
+            .unwrap();
+        let mut links: Vec<String> = String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().to_owned()))
+            .collect();
+        links.sort();
+        let mut netns: Vec<String> = std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&self.prefix))
+            .collect();
+        netns.sort();
+        let status = self.json(&["status"]);
+        serde_json::json!({
+            "networks": self.json(&["network", "ls"]),
+            "sandboxes": self.json(&["sandbox", "ls"]),
+            "links": links,
+            "netns": netns,
+            "maps": status["maps"],
+            "programs": status["programs"],
+        })
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if self.agent.is_some() {
+            let _ = self.netctl(&["down"]);
+        }
+        self.kill_agent();
+        // Whatever `down` could not remove (or the agent was dead): every namespace of this
+        // test, then the pins.
+        if let Ok(rd) = std::fs::read_dir("/run/netns") {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&self.prefix) {
+                    let _ = Command::new("ip")
+                        .args(["netns", "del", &n])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+        remove_tree(&self.pin_dir);
+        if std::thread::panicking() {
+            eprintln!(
+                "agent log of {}:\n{}",
+                self.prefix,
+                self.log()
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes a directory tree on bpffs (unlinking a pin releases the object).
+fn remove_tree(p: &Path) {
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                remove_tree(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(p);
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"))
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs a command inside a sandbox (`ip netns exec`).
+pub fn exec(sandbox: &str, args: &[&str]) -> Output {
+    let mut a = vec!["netns", "exec", sandbox];
+    a.extend_from_slice(args);
+    run("ip", &a)
+}
+
+pub fn ping(from: &str, to: Ipv4Addr) -> bool {
+    exec(
+        from,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "1", &to.to_string()],
+    )
+    .status
+    .success()
+}
+
+/// Runs `f` on a thread that has entered the network namespace `/run/netns/<name>`: sockets
+/// it creates belong to that namespace and can then be used from any thread.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+    .join()
+    .expect("thread in netns panicked")
+}
+
+/// A TCP listener in a sandbox.
+pub fn listen(sandbox: &str, port: u16) -> TcpListener {
+    in_netns(sandbox, move || {
+        TcpListener::bind(("0.0.0.0", port)).expect("bind in sandbox")
+    })
+}
+
+/// A TCP connection from a sandbox.
+pub fn dial(sandbox: &str, to: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    in_netns(sandbox, move || {
+        TcpStream::connect_timeout(&(to, port).into(), Duration::from_secs(3))
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*, Vigna 2014) for transfer payloads.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sends `data` over a fresh connection from `client` to `server_ip:port` (a listener in
+/// the server's sandbox); returns the CRC-32 the server computed over what it received and
+/// the byte count.
+pub fn transfer(
+    listener: TcpListener,
+    client: &str,
+    server_ip: Ipv4Addr,
+    port: u16,
+    data: Vec<u8>,
+) -> (u32, usize) {
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        loop {
+            let r = s.read(&mut buf).unwrap();
+            if r == 0 {
+                break;
+            }
+            h.update(&buf[..r]);
+            n += r;
+        }
+        (h.finalize(), n)
+    });
+    let mut c = dial(client, server_ip, port).expect("connect");
+    c.write_all(&data).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    server.join().unwrap()
+}

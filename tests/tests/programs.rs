@@ -55,16 +55,16 @@ impl Fixture {
         }
         let mut f = Fixture { ebpf };
         f.set_iface(Some(IfaceInfo {
-            ip_be: u32::from_ne_bytes(EP_IP.octets()),
+            ip: EP_IP.octets(),
             net_id: 1,
             flags,
             mac: EP_MAC,
             _pad: [0; 2],
         }));
-        let mut subnets: LpmTrie<_, u32, SubnetInfo> =
+        let mut subnets: LpmTrie<_, [u8; 4], SubnetInfo> =
             LpmTrie::try_from(f.ebpf.map_mut(names::MAP_SUBNETS).unwrap()).unwrap();
         for (net, id, fl) in [([10, 1, 0, 0], 1, flags), ([10, 2, 0, 0], 2, 0)] {
-            let key = Key::new(16, u32::from_ne_bytes(net));
+            let key = Key::new(16, net);
             subnets
                 .insert(
                     &key,

@@ -186,10 +186,15 @@ pub fn main() -> i32 {
                     0
                 };
             }
-            // One line, as for every other error.
+            // One line, as for every other error: clap's message without its usage block.
             let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{line}");
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", msg.join(" "));
             return 2;
         }
     };

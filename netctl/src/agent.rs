@@ -463,8 +463,7 @@ impl Agent {
             a.sync_maps()?;
             Ok(())
         })
-        .await
-        .inspect_err(|_| {})?;
+        .await?;
         tracing::info!(network = %req.name, "network created");
         self.inspect_network(&req.name)
     }

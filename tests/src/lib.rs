@@ -43,6 +43,12 @@ pub struct Host {
     agent: Option<Child>,
 }
 
+impl Default for Host {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Host {
     /// A new host namespace with a running agent.
     pub fn new() -> Host {

@@ -321,10 +321,111 @@ fn sigkill_of_the_agent_does_not_interrupt_a_tcp_stream() {
         .flat_map(|k| ["added", "updated", "removed"].map(|f| last[k][f].as_u64().unwrap()))
         .sum();
     assert_eq!(repaired, 0, "nothing to repair after a SIGKILL: {last}");
-    // And it works as before.
+    // And it works as before: a new endpoint gets a new address, and the count of
+    // addresses in use is the live endpoints, no more (moby#27404).
     let c = h.sandbox("c");
     let ip_c = h.connect(&n, &c);
+    assert_eq!(ip_c, Ipv4Addr::new(10, 65, 0, 4));
     assert!(ping(&a, ip_c));
+    let v = h.json(&["network", "inspect", &n]);
+    assert_eq!(v[0]["addresses_used"], 3);
+}
+
+#[test]
+fn sigkill_during_writes_loses_nothing_acknowledged() {
+    let mut h = Host::new();
+    let n = h.name("n");
+    h.ok(&["network", "create", &n, "--subnet", "10.75.0.0/24"]);
+    let sandboxes: Vec<String> = (0..40).map(|i| h.sandbox(&format!("s{i}"))).collect();
+    // Connect them one after another from another thread, and SIGKILL the agent while it
+    // is busy: some connects are acknowledged, one may be cut mid-way, the rest fail.
+    let pid = h.agent_pid().unwrap();
+    let (socket, list) = (h.socket.clone(), sandboxes.clone());
+    let n2 = n.clone();
+    let writer = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for s in list {
+            let o = std::process::Command::new(netctl_tests::netctl_bin())
+                .args(["network", "connect", &n2, &s])
+                .env("NETCTL_SOCKET", &socket)
+                .output()
+                .unwrap();
+            if o.status.success() {
+                let out = String::from_utf8(o.stdout).unwrap();
+                let ip: Ipv4Addr = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+                acked.push((s, ip));
+            }
+        }
+        acked
+    });
+    // Let a few land, then kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let used = h.json(&["network", "inspect", &n])[0]["addresses_used"]
+            .as_u64()
+            .unwrap_or(0);
+        if used >= 10 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let acked = writer.join().unwrap();
+    assert!(
+        acked.len() >= 10,
+        "some connects were acknowledged: {}",
+        acked.len()
+    );
+    assert!(acked.len() < 40, "the agent died before the end");
+    h.kill_agent();
+    h.start_agent();
+
+    // Everything acknowledged is there, with its address, and works.
+    let v = h.json(&["network", "inspect", &n]);
+    let eps = v[0]["endpoints"].as_array().unwrap();
+    for (s, ip) in &acked {
+        assert!(
+            eps.iter()
+                .any(|e| e["sandbox"] == s.as_str() && e["ip"] == ip.to_string()),
+            "acknowledged endpoint {s} {ip} lost"
+        );
+    }
+    // At most the one connect in flight at the kill may exist without an acknowledgement.
+    assert!(
+        eps.len() <= acked.len() + 1,
+        "{} endpoints, {} acked",
+        eps.len(),
+        acked.len()
+    );
+    // No two endpoints share an address, and the kernel matches the store.
+    let addrs: BTreeSet<&str> = eps.iter().map(|e| e["ip"].as_str().unwrap()).collect();
+    assert_eq!(addrs.len(), eps.len());
+    let st = h.json(&["status"]);
+    let ifaces = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "IFACES")
+        .unwrap()["entries"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(ifaces as usize, eps.len());
+    assert!(ping(&acked[0].0, acked[acked.len() - 1].1));
+    // The rest connect now, with addresses distinct from the live ones.
+    for s in &sandboxes {
+        if !eps.iter().any(|e| e["sandbox"] == s.as_str()) {
+            h.connect(&n, s);
+        }
+    }
+    let v = h.json(&["network", "inspect", &n]);
+    let eps = v[0]["endpoints"].as_array().unwrap();
+    assert_eq!(eps.len(), 40);
+    let addrs: BTreeSet<&str> = eps.iter().map(|e| e["ip"].as_str().unwrap()).collect();
+    assert_eq!(addrs.len(), 40, "no duplicate address after the crash");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -569,7 +569,28 @@ impl Workspace {
             bin.display(),
             join(args)
         );
-        let status = cmd.status().context("running cargo test")?;
+        // The harness output goes through us so that the run ends with one line of totals
+        // over every test binary (the last binary to run may well have no test at all).
+        cmd.stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("running cargo test")?;
+        let mut totals = [0u64; 3];
+        if let Some(out) = child.stdout.take() {
+            for line in io::BufReader::new(out).lines() {
+                let line = line.context("reading the test output")?;
+                println!("{line}");
+                if let Some(counts) = test_result_counts(&line) {
+                    for (t, c) in totals.iter_mut().zip(counts) {
+                        *t += c;
+                    }
+                }
+            }
+        }
+        let status = child.wait().context("waiting for cargo test")?;
+        println!();
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            totals[0], totals[1], totals[2]
+        );
         Ok(exit_code(status))
     }
 
@@ -792,4 +813,41 @@ fn which(name: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// (passed, failed, ignored) of a libtest summary line
+/// (`test result: ok. 7 passed; 0 failed; 1 ignored; ...`).
+fn test_result_counts(line: &str) -> Option<[u64; 3]> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let mut out = [0u64; 3];
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace().rev();
+        let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match kind {
+            "passed" => out[0] = n,
+            "failed" => out[1] = n,
+            "ignored" => out[2] = n,
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_result_counts;
+
+    #[test]
+    fn reads_libtest_summaries() {
+        assert_eq!(
+            test_result_counts(
+                "test result: ok. 7 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.55s"
+            ),
+            Some([7, 2, 1])
+        );
+        assert_eq!(test_result_counts("running 7 tests"), None);
+    }
 }

@@ -198,6 +198,14 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if !matches!(cli.cmd, Cmd::Up(_)) {
+        // A client piped into `head` should end quietly, as other command-line tools do,
+        // not panic on a broken pipe. The agent keeps Rust's default (ignored).
+        // SAFETY: setting a signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -259,6 +267,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Up(args) => up(cli.socket, args).await,
         Cmd::Down => {
             let _: Value = c.post("/v1/down", &serde_json::json!({})).await?;
+            // Return once the agent has stopped answering (it removes its socket on exit).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while tokio::net::UnixStream::connect(&cli.socket).await.is_ok()
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             println!(
                 "netctl is down: its links, programs, maps, bridges, veths and sandboxes are gone; the store is kept"
             );
@@ -308,6 +323,7 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if !nix::unistd::Uid::effective().is_root() {
         anyhow::bail!("netctl up must run as root (it loads eBPF programs and creates links)");

@@ -40,6 +40,7 @@ pub struct Host {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
+    uplink: bool,
     agent: Option<Child>,
 }
 
@@ -52,6 +53,20 @@ impl Default for Host {
 impl Host {
     /// A new host namespace with a running agent.
     pub fn new() -> Host {
+        Self::build(false)
+    }
+
+    /// A host whose agent runs with `--uplink <prefix>u0`, a veth whose peer `<prefix>u1`
+    /// sits in a namespace `<prefix>peer` at 192.0.2.2/24 (the host side is 192.0.2.1/24).
+    pub fn with_uplink() -> Host {
+        Self::build(true)
+    }
+
+    pub fn uplink(&self) -> String {
+        format!("{}u0", self.prefix)
+    }
+
+    fn build(uplink: bool) -> Host {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("t{}x{n}", std::process::id());
         let netns = format!("{prefix}h");
@@ -60,7 +75,33 @@ impl Host {
         std::fs::create_dir_all(&dir).unwrap();
         run_ok("ip", &["netns", "add", &netns]);
         run_ok("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        if uplink {
+            let (u0, u1, peer) = (
+                format!("{prefix}u0"),
+                format!("{prefix}u1"),
+                format!("{prefix}peer"),
+            );
+            run_ok("ip", &["netns", "add", &peer]);
+            run_ok(
+                "ip",
+                &[
+                    "-n", &netns, "link", "add", &u0, "type", "veth", "peer", "name", &u1, "netns",
+                    &peer,
+                ],
+            );
+            run_ok(
+                "ip",
+                &["-n", &netns, "addr", "add", "192.0.2.1/24", "dev", &u0],
+            );
+            run_ok("ip", &["-n", &netns, "link", "set", &u0, "up"]);
+            run_ok(
+                "ip",
+                &["-n", &peer, "addr", "add", "192.0.2.2/24", "dev", &u1],
+            );
+            run_ok("ip", &["-n", &peer, "link", "set", &u1, "up"]);
+        }
         let mut h = Host {
+            uplink,
             socket: dir.join("netctl.sock"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/netctl-test-{prefix}")),
             prefix,
@@ -94,6 +135,11 @@ impl Host {
             .arg(&self.socket)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .args(if self.uplink {
+                vec!["--uplink".to_owned(), self.uplink()]
+            } else {
+                vec![]
+            })
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -553,3 +553,65 @@ fn reconcile_repairs_drift() {
         .sum();
     assert_eq!(total, 0, "a second pass finds nothing: {again}");
 }
+
+#[test]
+fn uplink_program_bpftool_and_down() {
+    let mut h = Host::with_uplink();
+    let n = h.name("n");
+    h.ok(&["network", "create", &n, "--subnet", "10.76.0.0/24"]);
+    let a = h.sandbox("a");
+    let ip_a = h.connect(&n, &a);
+
+    // The uplink carries its program, and status says where everything is attached.
+    let st = h.json(&["status"]);
+    let progs = st["programs"].as_array().unwrap();
+    assert!(
+        progs.iter().any(|p| p["program"] == "uplink_ingress"
+            && p["interface"] == h.uplink().as_str()
+            && p["hook"] == "tcx/ingress"),
+        "{progs:?}"
+    );
+    assert_eq!(progs.len(), 3, "uplink + two per endpoint: {progs:?}");
+    let before = h.json(&["stats"])["uplink"]["packets"].as_u64().unwrap();
+    assert!(ping(&h.name("peer"), Ipv4Addr::new(192, 0, 2, 1)));
+    assert!(h.json(&["stats"])["uplink"]["packets"].as_u64().unwrap() > before);
+
+    // bpftool reads the pinned maps with their BTF: named fields, addresses as bytes.
+    let pin = h.pin_dir.join("v1/maps/IFACES");
+    let dump = run_ok(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", pin.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    // With -j, bpftool gives the raw bytes and, from the BTF, the "formatted" view.
+    let entry = &v[0]["formatted"]["value"];
+    assert_eq!(entry["ip"], serde_json::json!(ip_a.octets()), "{dump}");
+    assert_eq!(entry["net_id"], 1, "{dump}");
+    let prog = h.pin_dir.join("v1/progs/from_endpoint");
+    let info = run_ok(
+        "bpftool",
+        &["-j", "prog", "show", "pinned", prog.to_str().unwrap()],
+    );
+    assert!(info.contains("\"btf_id\""), "programs carry BTF: {info}");
+
+    // down: nothing of netctl is left in the kernel, and the agent is gone.
+    let out = h.ok(&["down"]);
+    assert!(out.contains("down"), "{out}");
+    let links = run_ok("ip", &["-n", &h.netns, "-o", "link", "show"]);
+    assert!(
+        !links.contains("netctl1") && !links.contains("master"),
+        "{links}"
+    );
+    assert!(!std::path::Path::new(&format!("/run/netns/{a}")).exists());
+    assert!(!h.pin_dir.exists(), "pins removed");
+    assert!(!h.socket.exists(), "socket removed");
+    assert!(h.netctl(&["status"]).status.code() != Some(0));
+    h.kill_agent();
+
+    // The store kept the desired state: the next agent builds it all again.
+    h.start_agent();
+    let b = h.sandbox("b");
+    let ip_b = h.connect(&n, &b);
+    assert!(ping(&b, ip_a), "a is back, with its address");
+    assert!(ping(&a, ip_b));
+}

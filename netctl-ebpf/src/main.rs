@@ -59,6 +59,13 @@ fn ipv4(ctx: &TcContext) -> Result<&Ipv4Hdr, DropReason> {
 }
 
 #[inline(always)]
+fn eth(ctx: &TcContext) -> Result<&EthHdr, DropReason> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    Ok(unsafe { &*eth })
+}
+
+#[inline(always)]
 fn arp(ctx: &TcContext) -> Result<&ArpEthIpv4, DropReason> {
     let a = ptr_at::<ArpEthIpv4>(ctx, ETH_HLEN).ok_or(DropReason::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
@@ -77,9 +84,7 @@ pub fn from_endpoint(ctx: TcContext) -> i32 {
 
 fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
     let ep = policy::iface(ifindex(ctx))?;
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
-    // SAFETY: ptr_at checked the bounds.
-    let eth = unsafe { &*eth };
+    let eth = eth(ctx)?;
     if eth.src != ep.mac {
         return Err(DropReason::SpoofedMac);
     }
@@ -114,9 +119,7 @@ pub fn to_endpoint(ctx: TcContext) -> i32 {
 
 fn try_to_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
     let ep = policy::iface(ifindex(ctx))?;
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
-    // SAFETY: ptr_at checked the bounds.
-    let eth = unsafe { &*eth };
+    let eth = eth(ctx)?;
     match eth.proto_be {
         ETH_P_IP_BE => {
             let ip = ipv4(ctx)?;

@@ -378,40 +378,32 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
         }
         NetworkCmd::Ls { format, quiet } => {
             let ns: Vec<NetworkView> = c.get("/v1/networks").await?;
-            if format == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&ns)?);
-            } else if quiet {
-                for n in &ns {
-                    println!("{}", n.network.name);
-                }
-            } else {
-                let rows = ns
-                    .iter()
-                    .map(|n| {
-                        vec![
-                            n.network.name.clone(),
-                            n.network.driver.clone(),
-                            n.network.subnet.to_string(),
-                            n.network.gateway.to_string(),
-                            n.network.bridge.clone(),
-                            if n.network.internal { "yes" } else { "no" }.into(),
-                            n.endpoints.len().to_string(),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &[
-                        "NAME",
-                        "DRIVER",
-                        "SUBNET",
-                        "GATEWAY",
-                        "BRIDGE",
-                        "INTERNAL",
-                        "ENDPOINTS",
-                    ],
-                    rows,
-                );
-            }
+            print_list(
+                &ns,
+                format,
+                quiet,
+                |n| &n.network.name,
+                &[
+                    "NAME",
+                    "DRIVER",
+                    "SUBNET",
+                    "GATEWAY",
+                    "BRIDGE",
+                    "INTERNAL",
+                    "ENDPOINTS",
+                ],
+                |n| {
+                    vec![
+                        n.network.name.clone(),
+                        n.network.driver.clone(),
+                        n.network.subnet.to_string(),
+                        n.network.gateway.to_string(),
+                        n.network.bridge.clone(),
+                        if n.network.internal { "yes" } else { "no" }.into(),
+                        n.endpoints.len().to_string(),
+                    ]
+                },
+            )?;
         }
         NetworkCmd::Inspect { names, format: _ } => {
             // Like `docker network inspect`: a JSON array, one object per name.
@@ -474,27 +466,22 @@ async fn sandbox(c: &Client, cmd: SandboxCmd) -> anyhow::Result<()> {
         }
         SandboxCmd::Ls { format, quiet } => {
             let ss: Vec<SandboxView> = c.get("/v1/sandboxes").await?;
-            if format == Format::Json {
-                println!("{}", serde_json::to_string_pretty(&ss)?);
-            } else if quiet {
-                for s in &ss {
-                    println!("{}", s.sandbox.name);
-                }
-            } else {
-                let rows = ss
-                    .iter()
-                    .map(|s| {
-                        let eps = s
-                            .endpoints
-                            .iter()
-                            .map(|e| format!("{}:{}={}", e.network, e.ifname, e.ip))
-                            .collect::<Vec<_>>()
-                            .join(",");
-                        vec![s.sandbox.name.clone(), s.netns.clone(), eps]
-                    })
-                    .collect();
-                table(&["NAME", "NETNS", "ENDPOINTS"], rows);
-            }
+            print_list(
+                &ss,
+                format,
+                quiet,
+                |s| &s.sandbox.name,
+                &["NAME", "NETNS", "ENDPOINTS"],
+                |s| {
+                    let eps = s
+                        .endpoints
+                        .iter()
+                        .map(|e| format!("{}:{}={}", e.network, e.ifname, e.ip))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    vec![s.sandbox.name.clone(), s.netns.clone(), eps]
+                },
+            )?;
         }
         SandboxCmd::Rm { names } => {
             for n in &names {
@@ -504,6 +491,27 @@ async fn sandbox(c: &Client, cmd: SandboxCmd) -> anyhow::Result<()> {
                 println!("{n}");
             }
         }
+    }
+    Ok(())
+}
+
+/// An `ls`: JSON, names only (`-q`), or a table.
+fn print_list<T: serde::Serialize>(
+    items: &[T],
+    format: Format,
+    quiet: bool,
+    name: impl Fn(&T) -> &String,
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+    } else if quiet {
+        for i in items {
+            println!("{}", name(i));
+        }
+    } else {
+        table(header, items.iter().map(row).collect());
     }
     Ok(())
 }

@@ -562,30 +562,74 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(pin_dir).map_err(io_err(pin_dir))
 }
 
-/// Generic whole-map sync over any keyed store.
-fn sync_map<K: Ord + Copy, V: PartialEq + Copy>(
+/// A map the reconciler reads whole and writes entry by entry: the pinned maps, and plain
+/// `BTreeMap`s in the in-memory data plane.
+trait KeyedMap<K, V> {
+    fn entries(&self) -> BTreeMap<K, V>;
+    fn put(&mut self, k: &K, v: &V) -> Result<(), aya::maps::MapError>;
+    fn del(&mut self, k: &K) -> Result<(), aya::maps::MapError>;
+}
+
+impl<K: aya::Pod + Ord, V: aya::Pod> KeyedMap<K, V> for HashMap<MapData, K, V> {
+    fn entries(&self) -> BTreeMap<K, V> {
+        self.iter().filter_map(|r| r.ok()).collect()
+    }
+    fn put(&mut self, k: &K, v: &V) -> Result<(), aya::maps::MapError> {
+        self.insert(*k, *v, 0)
+    }
+    fn del(&mut self, k: &K) -> Result<(), aya::maps::MapError> {
+        self.remove(k)
+    }
+}
+
+impl KeyedMap<Ipv4Net, SubnetInfo> for LpmTrie<MapData, [u8; 4], SubnetInfo> {
+    fn entries(&self) -> BTreeMap<Ipv4Net, SubnetInfo> {
+        self.iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| net_of_key(&k).map(|n| (n, v)))
+            .collect()
+    }
+    fn put(&mut self, k: &Ipv4Net, v: &SubnetInfo) -> Result<(), aya::maps::MapError> {
+        self.insert(&lpm_key(k), *v, 0)
+    }
+    fn del(&mut self, k: &Ipv4Net) -> Result<(), aya::maps::MapError> {
+        self.remove(&lpm_key(k))
+    }
+}
+
+impl<K: Ord + Copy, V: Copy> KeyedMap<K, V> for BTreeMap<K, V> {
+    fn entries(&self) -> BTreeMap<K, V> {
+        self.clone()
+    }
+    fn put(&mut self, k: &K, v: &V) -> Result<(), aya::maps::MapError> {
+        self.insert(*k, *v);
+        Ok(())
+    }
+    fn del(&mut self, k: &K) -> Result<(), aya::maps::MapError> {
+        self.remove(k);
+        Ok(())
+    }
+}
+
+/// Makes `map` hold exactly `desired`: adds and updates first, removals last (make before
+/// break), touching only the entries that differ.
+fn sync<K: Ord + Copy, V: PartialEq + Copy>(
+    map: &mut impl KeyedMap<K, V>,
     desired: &BTreeMap<K, V>,
-    actual: BTreeMap<K, V>,
-    mut put: impl FnMut(&K, &V) -> Result<()>,
-    mut del: impl FnMut(&K) -> Result<()>,
+    name: &str,
 ) -> Result<Drift> {
+    let actual = map.entries();
     let mut d = Drift::default();
-    // Adds and updates first, removals last: make before break.
     for (k, v) in desired {
         match actual.get(k) {
-            Some(a) if a == v => {}
-            Some(_) => {
-                put(k, v)?;
-                d.updated += 1;
-            }
-            None => {
-                put(k, v)?;
-                d.added += 1;
-            }
+            Some(a) if a == v => continue,
+            Some(_) => d.updated += 1,
+            None => d.added += 1,
         }
+        map.put(k, v).map_err(map_err(format!("write {name}")))?;
     }
     for k in actual.keys().filter(|k| !desired.contains_key(k)) {
-        del(k)?;
+        map.del(k).map_err(map_err(format!("delete from {name}")))?;
         d.removed += 1;
     }
     Ok(d)
@@ -603,75 +647,15 @@ fn net_of_key(k: &Key<[u8; 4]>) -> Option<Ipv4Net> {
 
 impl Dataplane for Datapath {
     fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
-        let actual: BTreeMap<u32, IfaceInfo> = self.ifaces.iter().filter_map(|r| r.ok()).collect();
-        let mut pending_del = Vec::new();
-        let m = &mut self.ifaces;
-        let d = sync_map(
-            desired,
-            actual,
-            |k, v| m.insert(*k, *v, 0).map_err(map_err("write IFACES")),
-            |k| {
-                pending_del.push(*k);
-                Ok(())
-            },
-        )?;
-        for k in pending_del {
-            self.ifaces
-                .remove(&k)
-                .map_err(map_err("delete from IFACES"))?;
-        }
-        Ok(d)
+        sync(&mut self.ifaces, desired, names::MAP_IFACES)
     }
 
     fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
-        let actual: BTreeMap<Ipv4Net, SubnetInfo> = self
-            .subnets
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter_map(|(k, v)| net_of_key(&k).map(|n| (n, v)))
-            .collect();
-        let mut pending_del = Vec::new();
-        let m = &mut self.subnets;
-        let d = sync_map(
-            desired,
-            actual,
-            |k, v| {
-                m.insert(&lpm_key(k), *v, 0)
-                    .map_err(map_err("write SUBNETS"))
-            },
-            |k| {
-                pending_del.push(*k);
-                Ok(())
-            },
-        )?;
-        for k in pending_del {
-            self.subnets
-                .remove(&lpm_key(&k))
-                .map_err(map_err("delete from SUBNETS"))?;
-        }
-        Ok(d)
+        sync(&mut self.subnets, desired, names::MAP_SUBNETS)
     }
 
     fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
-        let actual: BTreeMap<EndpointKey, EndpointInfo> =
-            self.endpoints.iter().filter_map(|r| r.ok()).collect();
-        let mut pending_del = Vec::new();
-        let m = &mut self.endpoints;
-        let d = sync_map(
-            desired,
-            actual,
-            |k, v| m.insert(*k, *v, 0).map_err(map_err("write ENDPOINTS")),
-            |k| {
-                pending_del.push(*k);
-                Ok(())
-            },
-        )?;
-        for k in pending_del {
-            self.endpoints
-                .remove(&k)
-                .map_err(map_err("delete from ENDPOINTS"))?;
-        }
-        Ok(d)
+        sync(&mut self.endpoints, desired, names::MAP_ENDPOINTS)
     }
 
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {
@@ -712,19 +696,13 @@ pub struct MemDataplane {
 
 impl Dataplane for MemDataplane {
     fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
-        let d = sync_map(desired, self.ifaces.clone(), |_, _| Ok(()), |_| Ok(()))?;
-        self.ifaces = desired.clone();
-        Ok(d)
+        sync(&mut self.ifaces, desired, names::MAP_IFACES)
     }
     fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
-        let d = sync_map(desired, self.subnets.clone(), |_, _| Ok(()), |_| Ok(()))?;
-        self.subnets = desired.clone();
-        Ok(d)
+        sync(&mut self.subnets, desired, names::MAP_SUBNETS)
     }
     fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
-        let d = sync_map(desired, self.endpoints.clone(), |_, _| Ok(()), |_| Ok(()))?;
-        self.endpoints = desired.clone();
-        Ok(d)
+        sync(&mut self.endpoints, desired, names::MAP_ENDPOINTS)
     }
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {
         let d = Drift {
@@ -741,27 +719,39 @@ impl Dataplane for MemDataplane {
 mod tests {
     use super::*;
 
+    /// Records the order of writes.
+    #[derive(Default)]
+    struct Recorder {
+        map: BTreeMap<u32, u32>,
+        ops: Vec<String>,
+    }
+
+    impl KeyedMap<u32, u32> for Recorder {
+        fn entries(&self) -> BTreeMap<u32, u32> {
+            self.map.clone()
+        }
+        fn put(&mut self, k: &u32, v: &u32) -> Result<(), aya::maps::MapError> {
+            self.ops.push(format!("put {k}={v}"));
+            self.map.insert(*k, *v);
+            Ok(())
+        }
+        fn del(&mut self, k: &u32) -> Result<(), aya::maps::MapError> {
+            self.ops.push(format!("del {k}"));
+            self.map.remove(k);
+            Ok(())
+        }
+    }
+
     #[test]
-    fn sync_map_adds_updates_removes_in_order() {
+    fn sync_writes_only_differences_removals_last() {
         let desired: BTreeMap<u32, u32> = [(1, 10), (2, 20), (3, 30)].into();
-        let actual: BTreeMap<u32, u32> = [(2, 21), (3, 30), (4, 40)].into();
-        let mut ops = Vec::new();
-        let mut dels = Vec::new();
-        let d = sync_map(
-            &desired,
-            actual,
-            |k, v| {
-                ops.push((*k, *v));
-                Ok(())
-            },
-            |k| {
-                dels.push(*k);
-                Ok(())
-            },
-        )
-        .unwrap();
-        assert_eq!(ops, vec![(1, 10), (2, 20)]);
-        assert_eq!(dels, vec![4]);
+        let mut m = Recorder {
+            map: [(2, 21), (3, 30), (4, 40)].into(),
+            ..Default::default()
+        };
+        let d = sync(&mut m, &desired, "T").unwrap();
+        assert_eq!(m.ops, vec!["put 1=10", "put 2=20", "del 4"]);
+        assert_eq!(m.map, desired);
         assert_eq!(
             d,
             Drift {
@@ -770,6 +760,9 @@ mod tests {
                 removed: 1
             }
         );
+        m.ops.clear();
+        assert_eq!(sync(&mut m, &desired, "T").unwrap().total(), 0);
+        assert!(m.ops.is_empty());
     }
 
     #[test]

@@ -230,6 +230,19 @@ impl Host {
             .unwrap()
     }
 
+    /// Entries in the pinned map `name`, as `netctl status` reports them.
+    pub fn map_entries(&self, name: &str) -> u64 {
+        let st = self.json(&["status"]);
+        st["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no map {name} in status"))["entries"]
+            .as_u64()
+            .unwrap()
+    }
+
     /// Creates a sandbox named `<prefix><s>` and returns its name.
     pub fn sandbox(&self, s: &str) -> String {
         let name = self.name(s);
@@ -433,4 +446,13 @@ pub fn transfer(
     c.write_all(&data).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     server.join().unwrap()
+}
+
+/// Objects a reconciliation report (`netctl reconcile`, `status.reconcile.last`) says it
+/// created, fixed or removed.
+pub fn repaired(report: &Value) -> u64 {
+    ["netlink", "maps", "links"]
+        .iter()
+        .flat_map(|k| ["added", "updated", "removed"].map(|f| report[k][f].as_u64().unwrap()))
+        .sum()
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use netctl_tests::{Host, dial, exec, in_netns, listen, payload, ping, run_ok, transfer};
+use netctl_tests::{Host, dial, exec, in_netns, listen, payload, ping, repaired, run_ok, transfer};
 
 #[test]
 fn two_sandboxes_talk_and_other_networks_are_isolated() {
@@ -188,16 +188,7 @@ fn fifty_parallel_connects_get_distinct_addresses_and_nothing_leaks() {
     assert_eq!(distinct.len(), 50, "50 distinct addresses: {first:?}");
     assert_eq!(usage(&h), (50, 50));
     // Every endpoint is in the data plane.
-    let st = h.json(&["status"]);
-    let ifaces = st["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "IFACES")
-        .unwrap()["entries"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(ifaces, 50);
+    assert_eq!(h.map_entries("IFACES"), 50);
 
     let threads: Vec<_> = sandboxes
         .iter()
@@ -316,11 +307,11 @@ fn sigkill_of_the_agent_does_not_interrupt_a_tcp_stream() {
     assert_eq!(st["agent"]["adopted"], true, "pins adopted, not reloaded");
     assert_eq!(st["programs"], programs_before);
     let last = &st["reconcile"]["last"];
-    let repaired: u64 = ["netlink", "maps", "links"]
-        .iter()
-        .flat_map(|k| ["added", "updated", "removed"].map(|f| last[k][f].as_u64().unwrap()))
-        .sum();
-    assert_eq!(repaired, 0, "nothing to repair after a SIGKILL: {last}");
+    assert_eq!(
+        repaired(last),
+        0,
+        "nothing to repair after a SIGKILL: {last}"
+    );
     // And it works as before: a new endpoint gets a new address, and the count of
     // addresses in use is the live endpoints, no more (moby#27404).
     let c = h.sandbox("c");
@@ -404,16 +395,7 @@ fn sigkill_during_writes_loses_nothing_acknowledged() {
     // No two endpoints share an address, and the kernel matches the store.
     let addrs: BTreeSet<&str> = eps.iter().map(|e| e["ip"].as_str().unwrap()).collect();
     assert_eq!(addrs.len(), eps.len());
-    let st = h.json(&["status"]);
-    let ifaces = st["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "IFACES")
-        .unwrap()["entries"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(ifaces as usize, eps.len());
+    assert_eq!(h.map_entries("IFACES") as usize, eps.len());
     assert!(ping(&acked[0].0, acked[acked.len() - 1].1));
     // The rest connect now, with addresses distinct from the live ones.
     for s in &sandboxes {
@@ -547,11 +529,7 @@ fn reconcile_repairs_drift() {
     assert_eq!(report["links"]["added"], 4 / 2, "{report}");
     assert!(ping(&a, ip_b) && ping(&b, ip_a));
     let again: serde_json::Value = h.json(&["reconcile"]);
-    let total: u64 = ["netlink", "maps", "links"]
-        .iter()
-        .flat_map(|k| ["added", "updated", "removed"].map(|f| again[k][f].as_u64().unwrap()))
-        .sum();
-    assert_eq!(total, 0, "a second pass finds nothing: {again}");
+    assert_eq!(repaired(&again), 0, "a second pass finds nothing: {again}");
 }
 
 #[test]

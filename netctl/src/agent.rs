@@ -312,6 +312,17 @@ impl Agent {
             }
             Err(e) => note(e.to_string()),
         }
+        // Host sides come up only now that their entries and programs are in place.
+        for ep in &endpoints {
+            if !self.ifindex.contains_key(&ep.host_ifname) {
+                continue;
+            }
+            match self.nl.ensure_up(&ep.host_ifname).await {
+                Ok(true) => report.netlink.updated += 1,
+                Ok(false) => {}
+                Err(e) => note(e.to_string()),
+            }
+        }
         self.reconcile.runs += 1;
         self.reconcile.drift_repaired += report.total();
         self.reconcile.last = report;
@@ -536,9 +547,20 @@ impl Agent {
                     return Err(e.into());
                 }
             }
-            if let Err(e) = a.sync_maps() {
+            // Entry and programs first, then the link comes up: no packet of the new
+            // endpoint ever crosses the veth unchecked.
+            let ready = match a.sync_maps() {
+                Ok(_) => {
+                    a.nl.ensure_up(&ep2.host_ifname)
+                        .await
+                        .map_err(AgentError::from)
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ready {
                 a.ifindex.remove(&ep2.host_ifname);
                 let _ = a.nl.delete_link(&ep2.host_ifname).await;
+                let _ = a.sync_maps();
                 return Err(e);
             }
             Ok(())

@@ -581,18 +581,24 @@ fn print_status(s: &Status, f: Format) -> anyhow::Result<()> {
     );
     println!();
     table(
-        &["MAP", "ENTRIES", "MAX", "FULL", "PIN"],
+        &["MAP", "TYPE", "ENTRIES", "MAX", "FULL", "PIN"],
         s.maps
             .iter()
             .map(|m| {
                 vec![
                     m.name.clone(),
+                    m.kind.clone(),
                     m.entries.to_string(),
                     m.max_entries.to_string(),
-                    format!(
-                        "{:.1}%",
-                        100.0 * m.entries as f64 / f64::from(m.max_entries.max(1))
-                    ),
+                    // An array always holds max_entries slots: "full" means nothing there.
+                    if m.kind.ends_with("array") {
+                        "-".to_owned()
+                    } else {
+                        format!(
+                            "{:.1}%",
+                            100.0 * m.entries as f64 / f64::from(m.max_entries.max(1))
+                        )
+                    },
                     m.pin.clone(),
                 ]
             })

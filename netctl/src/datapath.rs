@@ -153,6 +153,8 @@ pub struct Attachment {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MapUsage {
     pub name: String,
+    /// The kernel map type (`hash`, `lpm_trie`, `percpu_array`).
+    pub kind: String,
     pub pin: String,
     pub entries: u64,
     pub max_entries: u32,
@@ -463,24 +465,28 @@ impl Datapath {
         vec![
             MapUsage {
                 name: names::MAP_IFACES.into(),
+                kind: "hash".into(),
                 pin: pin(names::MAP_IFACES),
                 entries: self.ifaces.keys().count() as u64,
                 max_entries: netctl_common::MAX_IFACES,
             },
             MapUsage {
                 name: names::MAP_SUBNETS.into(),
+                kind: "lpm_trie".into(),
                 pin: pin(names::MAP_SUBNETS),
                 entries: self.subnets.keys().count() as u64,
                 max_entries: netctl_common::MAX_SUBNETS,
             },
             MapUsage {
                 name: names::MAP_ENDPOINTS.into(),
+                kind: "hash".into(),
                 pin: pin(names::MAP_ENDPOINTS),
                 entries: self.endpoints.keys().count() as u64,
                 max_entries: netctl_common::MAX_ENDPOINTS,
             },
             MapUsage {
                 name: names::MAP_COUNTERS.into(),
+                kind: "percpu_array".into(),
                 pin: pin(names::MAP_COUNTERS),
                 entries: u64::from(COUNTER_SLOTS),
                 max_entries: COUNTER_SLOTS,

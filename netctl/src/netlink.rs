@@ -538,7 +538,21 @@ impl Netlink {
         Ok((index, changed))
     }
 
-    /// Idempotent: a veth pair exists whose host side is enslaved to the bridge and up, and whose
+    /// Brings a link up; returns whether it was down.
+    pub async fn ensure_up(&self, name: &str) -> Result<bool, NetlinkError> {
+        let link = self
+            .get_link(name)
+            .await?
+            .ok_or_else(|| NetlinkError::conflict("bring up", name, "no such link"))?;
+        if link_is_up(&link) {
+            return Ok(false);
+        }
+        self.set_up(name, link.header.index).await?;
+        Ok(true)
+    }
+
+    /// Idempotent: a veth pair exists whose host side is enslaved to the bridge (and left as
+    /// it is, up or down: see `ensure_up`), and whose
     /// peer is inside the sandbox, configured as `spec` says. Fixes whatever differs; recreates
     /// the pair if the peer is gone. Returns (host-side ifindex, changed).
     pub async fn ensure_veth(&self, spec: &VethSpec) -> Result<(u32, bool), NetlinkError> {
@@ -629,10 +643,9 @@ impl Netlink {
             .await?;
             changed = true;
         }
-        if !link_is_up(&host) {
-            self.set_up(&spec.host_ifname, index).await?;
-            changed = true;
-        }
+        // The host side is not brought up here: the caller does that with `ensure_up` once
+        // the endpoint's map entry and programs are in place, so that no packet crosses an
+        // unfiltered veth (make before break).
         if changed {
             info!(veth = %spec.host_ifname, netns = %spec.netns, ifname = %spec.ifname,
                 address = %spec.address, "veth ensured (changed)");

@@ -54,6 +54,13 @@ fn mac_str(mac: [u8; 6]) -> String {
         .join(":")
 }
 
+/// What the agent does for an endpoint: ensure the pair, then bring the host side up.
+async fn ensure(nl: &Netlink, spec: &VethSpec) -> (u32, bool) {
+    let (idx, changed) = nl.ensure_veth(spec).await.unwrap();
+    let up = nl.ensure_up(&spec.host_ifname).await.unwrap();
+    (idx, changed || up)
+}
+
 #[tokio::test]
 async fn bridge_veths_and_repairs() {
     let pid = std::process::id();
@@ -151,9 +158,14 @@ async fn body(pid: u32, host: &str, sa: &str, sb: &str) {
         mac: [0x02, 0x42, 0x0a, 0xc9, x, 3],
         gateway: Some(gw),
     };
+    // A new pair's host side stays down until the caller says so.
     let (ia, changed) = nl.ensure_veth(&spec_a).await.unwrap();
     assert!(changed);
-    let (ib, changed) = nl.ensure_veth(&spec_b).await.unwrap();
+    let out = ip_ok(&["-n", host, "link", "show", &spec_a.host_ifname]);
+    assert!(out.contains("state DOWN"), "{out}");
+    assert!(nl.ensure_up(&spec_a.host_ifname).await.unwrap());
+    assert!(!nl.ensure_up(&spec_a.host_ifname).await.unwrap());
+    let (ib, changed) = ensure(&nl, &spec_b).await;
     assert!(changed);
     let mut with_prefix = nl.links_with_prefix("nlv").await.unwrap();
     with_prefix.sort();
@@ -191,18 +203,18 @@ async fn body(pid: u32, host: &str, sa: &str, sb: &str) {
     assert!(ping(sa, gw), "a -> gateway");
 
     // Idempotent.
-    assert_eq!(nl.ensure_veth(&spec_a).await.unwrap(), (ia, false));
-    assert_eq!(nl.ensure_veth(&spec_b).await.unwrap(), (ib, false));
+    assert_eq!(ensure(&nl, &spec_a).await, (ia, false));
+    assert_eq!(ensure(&nl, &spec_b).await, (ib, false));
 
     // Repairs: address flushed; default route deleted; host side detached and down;
     // wrong MAC; extra address.
     ip_ok(&["-n", sa, "addr", "flush", "dev", "eth1"]);
-    assert_eq!(nl.ensure_veth(&spec_a).await.unwrap(), (ia, true));
+    assert_eq!(ensure(&nl, &spec_a).await, (ia, true));
     ip_ok(&["-n", sb, "route", "del", "default"]);
-    assert_eq!(nl.ensure_veth(&spec_b).await.unwrap(), (ib, true));
+    assert_eq!(ensure(&nl, &spec_b).await, (ib, true));
     ip_ok(&["-n", host, "link", "set", &spec_a.host_ifname, "nomaster"]);
     ip_ok(&["-n", host, "link", "set", &spec_a.host_ifname, "down"]);
-    assert_eq!(nl.ensure_veth(&spec_a).await.unwrap(), (ia, true));
+    assert_eq!(ensure(&nl, &spec_a).await, (ia, true));
     ip_ok(&[
         "-n",
         sb,
@@ -213,7 +225,7 @@ async fn body(pid: u32, host: &str, sa: &str, sb: &str) {
         "02:00:00:00:00:99",
     ]);
     ip_ok(&["-n", sb, "addr", "add", "10.203.0.9/24", "dev", "eth0"]);
-    assert_eq!(nl.ensure_veth(&spec_b).await.unwrap(), (ib, true));
+    assert_eq!(ensure(&nl, &spec_b).await, (ib, true));
     assert!(!ip_ok(&["-n", sb, "addr", "show", "dev", "eth0"]).contains("10.203.0.9"));
     check(&spec_a);
     check(&spec_b);
@@ -223,7 +235,7 @@ async fn body(pid: u32, host: &str, sa: &str, sb: &str) {
     ip_ok(&[
         "-n", sa, "link", "set", "eth1", "netns", host, "name", "strayp",
     ]);
-    let (ia2, changed) = nl.ensure_veth(&spec_a).await.unwrap();
+    let (ia2, changed) = ensure(&nl, &spec_a).await;
     assert!(changed);
     assert_ne!(ia2, 0);
     assert!(
@@ -232,7 +244,7 @@ async fn body(pid: u32, host: &str, sa: &str, sb: &str) {
     );
     check(&spec_a);
     assert!(ping(sa, spec_b.address.addr()), "a -> b after recreate");
-    assert_eq!(nl.ensure_veth(&spec_a).await.unwrap(), (ia2, false));
+    assert_eq!(ensure(&nl, &spec_a).await, (ia2, false));
 
     // Failure paths leave nothing behind and name the object.
     let bad = VethSpec {

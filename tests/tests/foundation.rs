@@ -208,6 +208,10 @@ fn fifty_parallel_connects_get_distinct_addresses_and_nothing_leaks() {
     // Lowest-free allocation: the same 50 addresses, so none leaked.
     assert_eq!(again, distinct, "reconnected set equals the first set");
     assert_eq!(usage(&h), (50, 50));
+    // After the churn the kernel equals the desired state: a reconcile finds nothing.
+    let report = h.json(&["reconcile"]);
+    assert_eq!(repaired(&report), 0, "{report}");
+    assert_eq!(h.map_entries("IFACES"), 50);
     // Two of them still talk.
     assert!(ping(&sandboxes[0], second[1]));
 }

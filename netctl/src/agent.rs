@@ -395,6 +395,14 @@ impl Agent {
                     Some(old) => Change::PutEndpoint(old.clone()),
                     None => continue,
                 },
+                Change::PutService(sv) => match self.state.services.get(&sv.name) {
+                    Some(old) => Change::PutService(old.clone()),
+                    None => Change::DeleteService(sv.name.clone()),
+                },
+                Change::DeleteService(n) => match self.state.services.get(n) {
+                    Some(old) => Change::PutService(old.clone()),
+                    None => continue,
+                },
             });
         }
         inv

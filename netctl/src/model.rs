@@ -65,6 +65,70 @@ pub struct Endpoint {
     pub default_route: bool,
 }
 
+/// How a service is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// A virtual IP, balanced in the data plane; DNS answers the VIP.
+    Vip,
+    /// No VIP; DNS answers the backends' addresses in rotating order.
+    Dnsrr,
+}
+
+/// A transport protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+}
+
+/// One published port of a service: `VIP:port` goes to `backend:target` over `proto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub port: u16,
+    pub target: u16,
+    pub proto: Proto,
+}
+
+/// A backend: an endpoint of the service's network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    /// Numeric id used in the kernel maps (unique over all services, never 0).
+    pub id: u32,
+    /// The endpoint id.
+    pub endpoint: String,
+    pub sandbox: String,
+    pub ip: Ipv4Addr,
+}
+
+/// A service on one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Numeric id used in the kernel maps (its row of the consistent-hash table; never 0,
+    /// never shared by two services that exist at once).
+    pub id: u32,
+    pub name: String,
+    pub network: String,
+    pub mode: ServiceMode,
+    /// Some in mode vip (from the network's IPAM unless given), None in dnsrr.
+    pub vip: Option<Ipv4Addr>,
+    pub ports: Vec<PortSpec>,
+    /// In the order they were attached.
+    pub backends: Vec<Backend>,
+    pub created: String,
+}
+
 /// The whole desired state of one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -72,6 +136,9 @@ pub struct State {
     pub sandboxes: BTreeMap<String, Sandbox>,
     /// Keyed by endpoint id.
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// Keyed by service name.
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
 }
 
 /// One change to the desired state; a planned operation is a list of these, committed to the
@@ -84,6 +151,23 @@ pub enum Change {
     DeleteSandbox(String),
     PutEndpoint(Endpoint),
     DeleteEndpoint(String),
+    PutService(Service),
+    DeleteService(String),
+}
+
+/// `netctl service add` as the API receives it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddService {
+    pub name: String,
+    pub network: String,
+    /// `PORT[:TARGET][/tcp|/udp]` strings as typed.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// "vip" (default) or "dnsrr".
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub vip: Option<String>,
 }
 
 /// `netctl network create` as the API receives it.
@@ -322,6 +406,12 @@ impl State {
                 }
                 Change::DeleteEndpoint(id) => {
                     self.endpoints.remove(id);
+                }
+                Change::PutService(sv) => {
+                    self.services.insert(sv.name.clone(), sv.clone());
+                }
+                Change::DeleteService(name) => {
+                    self.services.remove(name);
                 }
             }
         }

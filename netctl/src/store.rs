@@ -20,6 +20,7 @@ pub const FILE_NAME: &str = "netctl.redb";
 const NETWORKS: TableDefinition<&str, &str> = TableDefinition::new("networks");
 const SANDBOXES: TableDefinition<&str, &str> = TableDefinition::new("sandboxes");
 const ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("endpoints");
+const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_KEY: &str = "schema_version";
 
@@ -151,7 +152,7 @@ impl Store {
                 }
                 Some(_) => {}
             }
-            for def in [NETWORKS, SANDBOXES, ENDPOINTS] {
+            for def in [NETWORKS, SANDBOXES, ENDPOINTS, SERVICES] {
                 txn.open_table(def).map_err(|e| self.db_err(e))?;
             }
         }
@@ -173,6 +174,10 @@ impl Store {
         for (key, e) in self.read_table::<crate::model::Endpoint>(&txn, ENDPOINTS, "endpoints")? {
             self.check_key("endpoints", &key, &e.id)?;
             state.endpoints.insert(key, e);
+        }
+        for (key, sv) in self.read_table::<crate::model::Service>(&txn, SERVICES, "services")? {
+            self.check_key("services", &key, &sv.name)?;
+            state.services.insert(key, sv);
         }
         Ok(state)
     }
@@ -229,6 +234,7 @@ impl Store {
             let mut networks = txn.open_table(NETWORKS).map_err(|e| self.db_err(e))?;
             let mut sandboxes = txn.open_table(SANDBOXES).map_err(|e| self.db_err(e))?;
             let mut endpoints = txn.open_table(ENDPOINTS).map_err(|e| self.db_err(e))?;
+            let mut services = txn.open_table(SERVICES).map_err(|e| self.db_err(e))?;
             for (i, c) in changes.iter().enumerate() {
                 #[cfg(test)]
                 if i >= self.fail_after.load(std::sync::atomic::Ordering::SeqCst) {
@@ -269,6 +275,15 @@ impl Store {
                     }
                     Change::DeleteEndpoint(id) => {
                         endpoints.remove(id.as_str()).map_err(|e| self.db_err(e))?;
+                    }
+                    Change::PutService(sv) => {
+                        let v = self.encode(sv)?;
+                        services
+                            .insert(sv.name.as_str(), v.as_str())
+                            .map_err(|e| self.db_err(e))?;
+                    }
+                    Change::DeleteService(name) => {
+                        services.remove(name.as_str()).map_err(|e| self.db_err(e))?;
                     }
                 }
             }

@@ -263,9 +263,9 @@ fn not_found(kind: &'static str, name: &str) -> ModelError {
     }
 }
 
-/// Checks a network, sandbox or alias name: 1..=64 characters, the first an ASCII letter or
-/// digit, the rest ASCII letters, digits, `_`, `.` or `-`. Such names are safe in paths
-/// (`/run/netns/NAME`): no `/`, no NUL, no spaces, never `.` or `..`.
+/// Checks a network, sandbox, alias or service name: 1..=64 characters, the first an ASCII
+/// letter or digit, the rest ASCII letters, digits, `_`, `.` or `-`. Such names are safe in
+/// paths (`/run/netns/NAME`): no `/`, no NUL, no spaces, never `.` or `..`.
 pub fn validate_name(field: &'static str, value: &str) -> Result<(), ModelError> {
     let mut chars = value.chars();
     let Some(first) = chars.next() else {
@@ -382,6 +382,79 @@ fn is_default_bridge_name(s: &str) -> bool {
 
 fn ifname_index(ifname: &str) -> Option<u32> {
     ifname.strip_prefix("eth")?.parse().ok()
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    }
+}
+
+/// Parses `PORT[:TARGET][/tcp|/udp]` (field "port"): both ports 1..=65535, TARGET defaults
+/// to PORT, the protocol to tcp (either case).
+pub fn parse_port(s: &str) -> Result<PortSpec, ModelError> {
+    const FORM: &str = "expected PORT[:TARGET][/tcp|/udp], e.g. 80, 80:8080 or 53/udp";
+    if s.is_empty() {
+        return Err(invalid("port", s, FORM));
+    }
+    let (ports, proto) = match s.split_once('/') {
+        Some((ports, proto)) => {
+            let proto = match proto.to_ascii_lowercase().as_str() {
+                "tcp" => Proto::Tcp,
+                "udp" => Proto::Udp,
+                "" => return Err(invalid("port", s, "the protocol after '/' is empty")),
+                p if p.contains('/') => {
+                    return Err(invalid(
+                        "port",
+                        s,
+                        format!("more than one protocol; {FORM}"),
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        "port",
+                        s,
+                        format!("protocol {proto:?} is not supported (use tcp or udp)"),
+                    ));
+                }
+            };
+            (ports, proto)
+        }
+        None => (s, Proto::Tcp),
+    };
+    let number = |what: &str, n: &str| -> Result<u16, ModelError> {
+        if n.is_empty() {
+            return Err(invalid("port", s, format!("the {what} is empty; {FORM}")));
+        }
+        if !n.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(invalid(
+                "port",
+                s,
+                format!("the {what} {n:?} is not a number; {FORM}"),
+            ));
+        }
+        match n.parse::<u64>() {
+            Ok(v @ 1..=65535) => Ok(v as u16),
+            _ => Err(invalid(
+                "port",
+                s,
+                format!("the {what} {n} is out of range 1-65535"),
+            )),
+        }
+    };
+    let (port, target) = match ports.split_once(':') {
+        Some((p, t)) => (number("port", p)?, number("target port", t)?),
+        None => {
+            let p = number("port", ports)?;
+            (p, p)
+        }
+    };
+    Ok(PortSpec {
+        port,
+        target,
+        proto,
+    })
 }
 
 impl State {
@@ -627,7 +700,8 @@ impl State {
         })])
     }
 
-    /// Plans `netctl network rm`: refused while endpoints remain.
+    /// Plans `netctl network rm`: refused while endpoints remain, then while services remain
+    /// (endpoints are checked first).
     pub fn plan_remove_network(&self, name: &str) -> Result<Vec<Change>, ModelError> {
         if !self.networks.contains_key(name) {
             return Err(not_found("network", name));
@@ -638,6 +712,16 @@ impl State {
                 "network {name:?} has {} endpoints; disconnect them first \
                  (netctl network disconnect {name} SANDBOX)",
                 eps.len()
+            )));
+        }
+        let svcs = self.services_of_network(name);
+        if !svcs.is_empty() {
+            let names: Vec<&str> = svcs.iter().map(|sv| sv.name.as_str()).collect();
+            return Err(ModelError::Conflict(format!(
+                "network {name:?} has {} services ({}); remove them first \
+                 (netctl service rm NAME)",
+                svcs.len(),
+                names.join(", ")
             )));
         }
         Ok(vec![Change::DeleteNetwork(name.to_string())])
@@ -669,22 +753,40 @@ impl State {
         })])
     }
 
-    /// Removing a sandbox also removes its endpoints (DeleteEndpoint for each, then
-    /// DeleteSandbox).
+    /// Removing a sandbox also removes its endpoints: first a PutService for every service
+    /// that loses a backend, then DeleteEndpoint for each endpoint, then DeleteSandbox.
     pub fn plan_remove_sandbox(&self, name: &str) -> Result<Vec<Change>, ModelError> {
         if !self.sandboxes.contains_key(name) {
             return Err(not_found("sandbox", name));
         }
-        let mut changes: Vec<Change> = self
-            .endpoints_of_sandbox(name)
-            .into_iter()
-            .map(|e| Change::DeleteEndpoint(e.id.clone()))
-            .collect();
+        let eps = self.endpoints_of_sandbox(name);
+        let ids: BTreeSet<&str> = eps.iter().map(|e| e.id.as_str()).collect();
+        let mut changes = self.drop_backends(&ids);
+        changes.extend(eps.iter().map(|e| Change::DeleteEndpoint(e.id.clone())));
         changes.push(Change::DeleteSandbox(name.to_string()));
         Ok(changes)
     }
 
-    /// Addresses of `net` that must not be allocated: gateway, aux addresses, endpoints.
+    /// A PutService for every service with a backend on one of the endpoints `ids`, with
+    /// those backends removed (Docker removes a task's backend when the task leaves).
+    fn drop_backends(&self, ids: &BTreeSet<&str>) -> Vec<Change> {
+        self.services
+            .values()
+            .filter(|sv| {
+                sv.backends
+                    .iter()
+                    .any(|b| ids.contains(b.endpoint.as_str()))
+            })
+            .map(|sv| {
+                let mut sv = sv.clone();
+                sv.backends.retain(|b| !ids.contains(b.endpoint.as_str()));
+                Change::PutService(sv)
+            })
+            .collect()
+    }
+
+    /// Addresses of `net` that must not be allocated: gateway, aux addresses, endpoints and
+    /// service VIPs.
     fn used_addresses(&self, net: &Network) -> BTreeSet<Ipv4Addr> {
         let mut used: BTreeSet<Ipv4Addr> = net.aux_addresses.values().copied().collect();
         used.insert(net.gateway);
@@ -694,10 +796,97 @@ impl State {
                 .filter(|e| e.network == net.name)
                 .map(|e| e.ip),
         );
+        used.extend(self.vips_of_network(&net.name).map(|(_, vip)| vip));
         used
     }
 
+    /// (service, VIP) of the services on `network` that have a VIP.
+    fn vips_of_network<'a>(
+        &'a self,
+        network: &'a str,
+    ) -> impl Iterator<Item = (&'a Service, Ipv4Addr)> + 'a {
+        self.services
+            .values()
+            .filter(move |sv| sv.network == network)
+            .filter_map(|sv| sv.vip.map(|vip| (sv, vip)))
+    }
+
+    /// The lowest free address of `net`'s allocation range (ip-range or subnet), as for an
+    /// endpoint or a VIP.
+    fn allocate_address(&self, net: &Network) -> Result<Ipv4Addr, ModelError> {
+        let used = self.used_addresses(net);
+        ipam::alloc_bounds(net.subnet, net.ip_range)
+            .and_then(|(lo, hi)| ipam::lowest_free(lo, hi, &used))
+            .ok_or_else(|| {
+                let pool = match net.ip_range {
+                    Some(r) => format!("{r} (ip-range of {})", net.subnet),
+                    None => net.subnet.to_string(),
+                };
+                ModelError::Conflict(format!(
+                    "network {:?}: no free address left in {pool}",
+                    net.name
+                ))
+            })
+    }
+
+    /// Checks a static address (`--ip` of connect, `--vip` of service add) for `net`: a host
+    /// address of the subnet that is neither the gateway, nor an aux address, nor used by an
+    /// endpoint or a service VIP. Errors are `Invalid` for `field`.
+    fn check_static_addr(
+        &self,
+        field: &'static str,
+        s: &str,
+        net: &Network,
+    ) -> Result<Ipv4Addr, ModelError> {
+        let ip = parse_addr(field, s)?;
+        check_host_addr(field, s, ip, net.subnet)?;
+        if ip == net.gateway {
+            return Err(invalid(
+                field,
+                s,
+                format!("is the gateway of network {:?}", net.name),
+            ));
+        }
+        if let Some((k, _)) = net.aux_addresses.iter().find(|(_, a)| **a == ip) {
+            return Err(invalid(
+                field,
+                s,
+                format!("is reserved as aux address {k:?} of network {:?}", net.name),
+            ));
+        }
+        if let Some(e) = self
+            .endpoints
+            .values()
+            .find(|e| e.network == net.name && e.ip == ip)
+        {
+            return Err(invalid(
+                field,
+                s,
+                format!(
+                    "already in use on network {:?} by sandbox {:?}",
+                    net.name, e.sandbox
+                ),
+            ));
+        }
+        if let Some((sv, _)) = self.vips_of_network(&net.name).find(|(_, v)| *v == ip) {
+            return Err(invalid(
+                field,
+                s,
+                format!(
+                    "already in use on network {:?} as the VIP of service {:?}",
+                    net.name, sv.name
+                ),
+            ));
+        }
+        Ok(ip)
+    }
+
     /// Plans `netctl network connect`.
+    ///
+    /// An alias may not be the name of a service on the network. The sandbox's own name may:
+    /// sandbox and service names are separate namespaces of the CLI, but they share the
+    /// network's DNS, where the service's name answers the service (its VIP, or its backends
+    /// in dnsrr mode), not the sandbox.
     ///
     /// The endpoint gets the sandbox's default route iff no other endpoint of the sandbox has
     /// it and the network is not internal (Docker never routes via an internal network).
@@ -720,58 +909,25 @@ impl State {
         let mut aliases: Vec<String> = Vec::new();
         for a in &req.aliases {
             validate_name("alias", a)?;
+            if self
+                .services
+                .get(a)
+                .is_some_and(|sv| sv.network == net.name)
+            {
+                return Err(ModelError::Conflict(format!(
+                    "alias {a:?} is the name of service {a:?} on network {:?}; \
+                     choose another alias",
+                    net.name
+                )));
+            }
             if !aliases.contains(a) {
                 aliases.push(a.clone());
             }
         }
 
-        let used = self.used_addresses(net);
         let ip = match req.ip.as_deref() {
-            Some(s) => {
-                let ip = parse_addr("ip", s)?;
-                check_host_addr("ip", s, ip, net.subnet)?;
-                if ip == net.gateway {
-                    return Err(invalid(
-                        "ip",
-                        s,
-                        format!("is the gateway of network {:?}", net.name),
-                    ));
-                }
-                if let Some((k, _)) = net.aux_addresses.iter().find(|(_, a)| **a == ip) {
-                    return Err(invalid(
-                        "ip",
-                        s,
-                        format!("is reserved as aux address {k:?} of network {:?}", net.name),
-                    ));
-                }
-                if let Some(e) = self
-                    .endpoints
-                    .values()
-                    .find(|e| e.network == net.name && e.ip == ip)
-                {
-                    return Err(invalid(
-                        "ip",
-                        s,
-                        format!(
-                            "already in use on network {:?} by sandbox {:?}",
-                            net.name, e.sandbox
-                        ),
-                    ));
-                }
-                ip
-            }
-            None => ipam::alloc_bounds(net.subnet, net.ip_range)
-                .and_then(|(lo, hi)| ipam::lowest_free(lo, hi, &used))
-                .ok_or_else(|| {
-                    let pool = match net.ip_range {
-                        Some(r) => format!("{r} (ip-range of {})", net.subnet),
-                        None => net.subnet.to_string(),
-                    };
-                    ModelError::Conflict(format!(
-                        "network {:?}: no free address left in {pool}",
-                        net.name
-                    ))
-                })?,
+            Some(s) => self.check_static_addr("ip", s, net)?,
+            None => self.allocate_address(net)?,
         };
 
         let mut rng = rand::rng();
@@ -810,6 +966,9 @@ impl State {
     ///
     /// If the removed endpoint carried the sandbox's default route, the route is NOT moved to
     /// another endpoint: the sandbox keeps no default route until it is reconnected.
+    ///
+    /// If the endpoint is a backend of services, a PutService without that backend comes
+    /// first for each of them, then the DeleteEndpoint.
     pub fn plan_disconnect(&self, network: &str, sandbox: &str) -> Result<Vec<Change>, ModelError> {
         if !self.networks.contains_key(network) {
             return Err(not_found("network", network));
@@ -826,7 +985,9 @@ impl State {
                     "sandbox {sandbox:?} is not connected to network {network:?}"
                 ))
             })?;
-        Ok(vec![Change::DeleteEndpoint(ep.id.clone())])
+        let mut changes = self.drop_backends(&BTreeSet::from([ep.id.as_str()]));
+        changes.push(Change::DeleteEndpoint(ep.id.clone()));
+        Ok(changes)
     }
 
     /// The endpoints on `network`, by address.
@@ -855,10 +1016,16 @@ impl State {
     ///
     /// Total: the addresses of the allocation range (ip-range or subnet, without network and
     /// broadcast) that are neither the gateway nor aux addresses, plus the static addresses of
-    /// endpoints outside the range. In use: the number of endpoints.
+    /// endpoints and service VIPs outside the range. In use: the number of endpoints plus the
+    /// number of service VIPs.
     pub fn address_usage(&self, network: &str) -> Option<(u64, u64)> {
         let net = self.networks.get(network)?;
-        let eps = self.endpoints_of_network(network);
+        let mut addrs: Vec<Ipv4Addr> = self
+            .endpoints_of_network(network)
+            .iter()
+            .map(|e| e.ip)
+            .collect();
+        addrs.extend(self.vips_of_network(network).map(|(_, vip)| vip));
         let (range_total, outside) = match ipam::alloc_bounds(net.subnet, net.ip_range) {
             Some((lo, hi)) => {
                 let inside = |ip: &Ipv4Addr| (lo..=hi).contains(ip);
@@ -866,12 +1033,189 @@ impl State {
                     net.aux_addresses.values().copied().collect();
                 reserved.insert(net.gateway);
                 let reserved = reserved.iter().filter(|a| inside(a)).count() as u64;
-                let outside = eps.iter().filter(|e| !inside(&e.ip)).count() as u64;
+                let outside = addrs.iter().filter(|a| !inside(a)).count() as u64;
                 (ipam::count(lo, hi) - reserved, outside)
             }
-            None => (0, eps.len() as u64),
+            None => (0, addrs.len() as u64),
         };
-        Some((range_total + outside, eps.len() as u64))
+        Some((range_total + outside, addrs.len() as u64))
+    }
+
+    /// The services on `network`, by name.
+    pub fn services_of_network(&self, network: &str) -> Vec<&Service> {
+        self.services
+            .values()
+            .filter(|sv| sv.network == network)
+            .collect()
+    }
+
+    /// Plans `netctl service add`.
+    ///
+    /// The name shares the network's DNS namespace with the names of the sandboxes connected
+    /// to it and their aliases, so it may not be one of them. In mode vip the VIP is taken
+    /// from the network's IPAM like an endpoint address unless `--vip` gives it.
+    pub fn plan_add_service(&self, req: &AddService, now: &str) -> Result<Vec<Change>, ModelError> {
+        validate_name("name", &req.name)?;
+        if self.services.contains_key(&req.name) {
+            return Err(ModelError::Exists {
+                kind: "service",
+                name: req.name.clone(),
+            });
+        }
+        let net = self
+            .networks
+            .get(&req.network)
+            .ok_or_else(|| not_found("network", &req.network))?;
+        for e in self.endpoints_of_network(&net.name) {
+            if e.sandbox == req.name {
+                return Err(ModelError::Conflict(format!(
+                    "service name {:?} is the name of sandbox {:?} on network {:?} \
+                     (they share its DNS); choose another name",
+                    req.name, e.sandbox, net.name
+                )));
+            }
+            if e.aliases.contains(&req.name) {
+                return Err(ModelError::Conflict(format!(
+                    "service name {:?} is an alias of sandbox {:?} on network {:?} \
+                     (they share its DNS); choose another name",
+                    req.name, e.sandbox, net.name
+                )));
+            }
+        }
+
+        let mode = match req.mode.as_deref() {
+            None | Some("vip") => ServiceMode::Vip,
+            Some("dnsrr") => ServiceMode::Dnsrr,
+            Some(m) => return Err(invalid("mode", m, "expected \"vip\" or \"dnsrr\"")),
+        };
+
+        let mut ports: Vec<PortSpec> = Vec::new();
+        for s in &req.ports {
+            let p = parse_port(s)?;
+            if ports.iter().any(|q| (q.port, q.proto) == (p.port, p.proto)) {
+                return Err(invalid(
+                    "port",
+                    s,
+                    format!(
+                        "repeated: port {}/{} is already given",
+                        p.port,
+                        proto_name(p.proto)
+                    ),
+                ));
+            }
+            ports.push(p);
+        }
+        if mode == ServiceMode::Vip && ports.is_empty() {
+            return Err(invalid(
+                "port",
+                "",
+                "a vip service needs at least one --port",
+            ));
+        }
+
+        let vip = match (mode, req.vip.as_deref()) {
+            (ServiceMode::Dnsrr, Some(s)) => {
+                return Err(invalid(
+                    "vip",
+                    s,
+                    "a dnsrr service has no VIP; drop --vip or use --mode vip",
+                ));
+            }
+            (ServiceMode::Dnsrr, None) => None,
+            (ServiceMode::Vip, Some(s)) => Some(self.check_static_addr("vip", s, net)?),
+            (ServiceMode::Vip, None) => Some(self.allocate_address(net)?),
+        };
+
+        let id = (1u32..)
+            .find(|i| !self.services.values().any(|sv| sv.id == *i))
+            .expect("fewer than 2^32 services");
+
+        Ok(vec![Change::PutService(Service {
+            id,
+            name: req.name.clone(),
+            network: net.name.clone(),
+            mode,
+            vip,
+            ports,
+            backends: Vec::new(),
+            created: now.to_string(),
+        })])
+    }
+
+    /// Plans `netctl service rm`.
+    pub fn plan_remove_service(&self, name: &str) -> Result<Vec<Change>, ModelError> {
+        if !self.services.contains_key(name) {
+            return Err(not_found("service", name));
+        }
+        Ok(vec![Change::DeleteService(name.to_string())])
+    }
+
+    /// Plans `netctl service attach SERVICE SANDBOX`: the sandbox's endpoint on the service's
+    /// network becomes a backend (appended; id = the lowest id no backend of any service
+    /// uses).
+    pub fn plan_attach(&self, service: &str, target: &str) -> Result<Vec<Change>, ModelError> {
+        let sv = self
+            .services
+            .get(service)
+            .ok_or_else(|| not_found("service", service))?;
+        if !self.sandboxes.contains_key(target) {
+            return Err(not_found("sandbox", target));
+        }
+        let ep = self
+            .endpoints
+            .values()
+            .find(|e| e.network == sv.network && e.sandbox == target)
+            .ok_or_else(|| {
+                ModelError::Conflict(format!(
+                    "sandbox {target:?} is not connected to network {:?} (the network of \
+                     service {service:?}); connect it first (netctl network connect {} {target})",
+                    sv.network, sv.network
+                ))
+            })?;
+        if sv
+            .backends
+            .iter()
+            .any(|b| b.sandbox == target || b.endpoint == ep.id)
+        {
+            return Err(ModelError::Conflict(format!(
+                "sandbox {target:?} is already a backend of service {service:?}"
+            )));
+        }
+        let taken: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let id = (1u32..)
+            .find(|i| !taken.contains(i))
+            .expect("fewer than 2^32 backends");
+        let mut sv = sv.clone();
+        sv.backends.push(Backend {
+            id,
+            endpoint: ep.id.clone(),
+            sandbox: target.to_string(),
+            ip: ep.ip,
+        });
+        Ok(vec![Change::PutService(sv)])
+    }
+
+    /// Plans `netctl service detach SERVICE SANDBOX`.
+    pub fn plan_detach(&self, service: &str, target: &str) -> Result<Vec<Change>, ModelError> {
+        let sv = self
+            .services
+            .get(service)
+            .ok_or_else(|| not_found("service", service))?;
+        if !self.sandboxes.contains_key(target) {
+            return Err(not_found("sandbox", target));
+        }
+        if !sv.backends.iter().any(|b| b.sandbox == target) {
+            return Err(ModelError::Conflict(format!(
+                "sandbox {target:?} is not a backend of service {service:?}"
+            )));
+        }
+        let mut sv = sv.clone();
+        sv.backends.retain(|b| b.sandbox != target);
+        Ok(vec![Change::PutService(sv)])
     }
 }
 
@@ -1623,6 +1967,669 @@ mod tests {
             .unwrap();
         let _ = st.plan_create_sandbox("t", &host(), NOW).unwrap();
         let _ = st.plan_connect(&conn("n", "s", None)).unwrap_err();
+        let _ = st.plan_disconnect("n", "s").unwrap();
+        let _ = st.plan_remove_sandbox("s").unwrap();
+        let _ = st.plan_remove_network("n").unwrap_err();
+        assert_eq!(st, before);
+    }
+
+    // ---- services ----
+
+    fn svc(name: &str, network: &str, ports: &[&str]) -> AddService {
+        AddService {
+            name: name.into(),
+            network: network.into(),
+            ports: ports.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+    /// Plans and applies; panics on error.
+    fn add_svc(st: &mut State, r: &AddService) -> Service {
+        let c = st.plan_add_service(r, NOW).unwrap();
+        st.apply(&c);
+        match &c[..] {
+            [Change::PutService(sv)] => sv.clone(),
+            other => panic!("unexpected plan {other:?}"),
+        }
+    }
+    fn attach(st: &mut State, service: &str, sandbox: &str) -> Backend {
+        let c = st.plan_attach(service, sandbox).unwrap();
+        st.apply(&c);
+        let [Change::PutService(sv)] = &c[..] else {
+            panic!("unexpected plan {c:?}")
+        };
+        sv.backends.last().unwrap().clone()
+    }
+    fn backend_sandboxes(st: &State, service: &str) -> Vec<String> {
+        st.services[service]
+            .backends
+            .iter()
+            .map(|b| b.sandbox.clone())
+            .collect()
+    }
+    /// Asserts a `Conflict` whose message contains every one of `parts`.
+    #[track_caller]
+    fn assert_conflict(r: Result<Vec<Change>, ModelError>, parts: &[&str]) -> String {
+        match r {
+            Err(e @ ModelError::Conflict(_)) => {
+                let msg = e.to_string();
+                for p in parts {
+                    assert!(msg.contains(p), "{msg:?} lacks {p:?}");
+                }
+                assert_eq!(e.status(), 409);
+                msg
+            }
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+    }
+    #[track_caller]
+    fn assert_not_found(r: Result<Vec<Change>, ModelError>, kind: &str, name: &str) {
+        match r {
+            Err(ModelError::NotFound { kind: k, name: n }) => {
+                assert_eq!((k, n.as_str()), (kind, name));
+            }
+            other => panic!("expected NotFound {kind} {name:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_port_table() {
+        use Proto::{Tcp, Udp};
+        for (s, port, target, proto) in [
+            ("80", 80, 80, Tcp),
+            ("80:8080", 80, 8080, Tcp),
+            ("53/udp", 53, 53, Udp),
+            ("53/UDP", 53, 53, Udp),
+            ("80:8080/tcp", 80, 8080, Tcp),
+            ("80/Tcp", 80, 80, Tcp),
+            ("1:65535/udp", 1, 65535, Udp),
+            ("65535", 65535, 65535, Tcp),
+        ] {
+            assert_eq!(
+                parse_port(s),
+                Ok(PortSpec {
+                    port,
+                    target,
+                    proto
+                }),
+                "{s}"
+            );
+        }
+        for (bad, reason) in [
+            ("", "expected PORT"),
+            ("0", "out of range"),
+            ("65536", "out of range"),
+            ("99999999999999999999999", "out of range"),
+            ("80:0", "out of range"),
+            ("80:65536", "out of range"),
+            ("abc", "not a number"),
+            ("+80", "not a number"),
+            ("-1", "not a number"),
+            (" 80", "not a number"),
+            ("80:", "target port is empty"),
+            (":80", "port is empty"),
+            ("80:8080:90", "not a number"),
+            ("80/", "protocol after '/' is empty"),
+            ("/tcp", "port is empty"),
+            ("80/sctp", "\"sctp\" is not supported"),
+            ("80/tcp/udp", "more than one protocol"),
+        ] {
+            let e = parse_port(bad).unwrap_err();
+            let msg = assert_invalid(Err(e), "port", bad);
+            assert!(msg.contains(reason), "{bad:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn add_service_defaults() {
+        let mut st = base();
+        connect(&mut st, "n", "s", None); // 10.0.0.2
+        let before = st.clone();
+        let c = st
+            .plan_add_service(&svc("web", "n", &["80", "53/udp"]), NOW)
+            .unwrap();
+        assert_eq!(st, before, "planning is pure");
+        st.apply(&c);
+        let sv = &st.services["web"];
+        assert_eq!(
+            *sv,
+            Service {
+                id: 1,
+                name: "web".into(),
+                network: "n".into(),
+                mode: ServiceMode::Vip,
+                vip: Some(ip("10.0.0.3")),
+                ports: vec![
+                    PortSpec {
+                        port: 80,
+                        target: 80,
+                        proto: Proto::Tcp
+                    },
+                    PortSpec {
+                        port: 53,
+                        target: 53,
+                        proto: Proto::Udp
+                    },
+                ],
+                backends: vec![],
+                created: NOW.into(),
+            }
+        );
+        let r = AddService {
+            mode: Some("vip".into()),
+            ..svc("api", "n", &["80"])
+        };
+        assert_eq!(add_svc(&mut st, &r).mode, ServiceMode::Vip);
+        assert_eq!(
+            st.services_of_network("n")
+                .iter()
+                .map(|sv| sv.name.as_str())
+                .collect::<Vec<_>>(),
+            ["api", "web"]
+        );
+        assert!(st.services_of_network("m").is_empty());
+    }
+
+    #[test]
+    fn add_service_name_errors() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        create_sb(&mut st, "t");
+        let mut r = conn("n", "s", None);
+        r.aliases = vec!["db".into()];
+        st.apply(&st.plan_connect(&r).unwrap());
+        connect(&mut st, "m", "t", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+
+        assert_invalid(
+            st.plan_add_service(&svc("a/b", "n", &["80"]), NOW),
+            "name",
+            "a/b",
+        );
+        assert_invalid(st.plan_add_service(&svc("", "n", &["80"]), NOW), "name", "");
+        let e = st
+            .plan_add_service(&svc("web", "m", &["80"]), NOW)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ModelError::Exists {
+                kind: "service",
+                name: "web".into()
+            }
+        );
+        assert_eq!(e.status(), 409);
+        assert_not_found(
+            st.plan_add_service(&svc("api", "x", &["80"]), NOW),
+            "network",
+            "x",
+        );
+        // The DNS namespace of the network: sandbox names and aliases.
+        let m = assert_conflict(
+            st.plan_add_service(&svc("s", "n", &["80"]), NOW),
+            &["service name \"s\"", "sandbox \"s\"", "network \"n\""],
+        );
+        assert!(!m.contains("alias"), "{m}");
+        assert_conflict(
+            st.plan_add_service(&svc("db", "n", &["80"]), NOW),
+            &[
+                "service name \"db\"",
+                "alias",
+                "sandbox \"s\"",
+                "network \"n\"",
+            ],
+        );
+        // Names of sandboxes (and aliases) on other networks are free.
+        add_svc(&mut st, &svc("t", "n", &["80"]));
+        add_svc(&mut st, &svc("db", "m", &["80"]));
+    }
+
+    #[test]
+    fn add_service_mode_and_port_errors() {
+        let st = base();
+        let with = |mode: Option<&str>, ports: &[&str], vip: Option<&str>| {
+            let r = AddService {
+                mode: mode.map(Into::into),
+                vip: vip.map(Into::into),
+                ..svc("web", "n", ports)
+            };
+            st.plan_add_service(&r, NOW)
+        };
+        let m = assert_invalid(with(Some("rr"), &["80"], None), "mode", "rr");
+        assert!(m.contains("vip") && m.contains("dnsrr"), "{m}");
+        assert_invalid(with(Some("VIP"), &["80"], None), "mode", "VIP");
+        assert_invalid(with(Some(""), &["80"], None), "mode", "");
+        let m = assert_invalid(with(None, &[], None), "port", "");
+        assert!(m.contains("a vip service needs at least one --port"), "{m}");
+        assert_invalid(with(Some("vip"), &[], None), "port", "");
+        assert!(
+            assert_invalid(with(None, &["80", "0"], None), "port", "0").contains("out of range")
+        );
+        assert_invalid(with(None, &["80/sctp"], None), "port", "80/sctp");
+        assert!(
+            assert_invalid(
+                with(None, &["80", "80:8080/TCP"], None),
+                "port",
+                "80:8080/TCP"
+            )
+            .contains("repeated")
+        );
+        assert!(
+            assert_invalid(
+                with(Some("dnsrr"), &["53/udp", "53/UDP"], None),
+                "port",
+                "53/UDP"
+            )
+            .contains("repeated")
+        );
+        // The same port over both protocols is not a repetition.
+        let c = with(None, &["53", "53/udp"], None).unwrap();
+        let [Change::PutService(sv)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(sv.ports.len(), 2);
+        // dnsrr: no VIP, no --vip, ports optional.
+        let m = assert_invalid(
+            with(Some("dnsrr"), &[], Some("10.0.0.9")),
+            "vip",
+            "10.0.0.9",
+        );
+        assert!(m.contains("dnsrr"), "{m}");
+    }
+
+    #[test]
+    fn dnsrr_service_has_no_vip() {
+        let mut st = base();
+        let r = AddService {
+            mode: Some("dnsrr".into()),
+            ..svc("db", "n", &[])
+        };
+        let sv = add_svc(&mut st, &r);
+        assert_eq!(sv.mode, ServiceMode::Dnsrr);
+        assert_eq!(sv.vip, None);
+        assert!(sv.ports.is_empty());
+        assert_eq!(st.address_usage("n"), Some((253, 0)));
+        // It takes no address: the next endpoint gets .2.
+        assert_eq!(connect(&mut st, "n", "s", None).ip, ip("10.0.0.2"));
+        // Ports are allowed (kept as given) in dnsrr too.
+        let r = AddService {
+            mode: Some("dnsrr".into()),
+            ..svc("db2", "n", &["5432"])
+        };
+        assert_eq!(add_svc(&mut st, &r).ports.len(), 1);
+        // Backends are the same as in vip mode.
+        assert_eq!(attach(&mut st, "db", "s").ip, ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn explicit_vip() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            ip_range: Some("10.0.0.0/25".into()),
+            aux_addresses: vec!["router=10.0.0.5".into()],
+            ..req("n", Some("10.0.0.0/24"))
+        };
+        create_net(&mut st, &r);
+        create_sb(&mut st, "t");
+        connect(&mut st, "n", "t", Some("10.0.0.9"));
+        let vip = |st: &State, name: &str, v: &str| {
+            let r = AddService {
+                vip: Some(v.into()),
+                ..svc(name, "n", &["80"])
+            };
+            st.plan_add_service(&r, NOW)
+        };
+        // Outside the ip-range but inside the subnet is fine, as for --ip.
+        let c = vip(&st, "web", "10.0.0.200").unwrap();
+        st.apply(&c);
+        assert_eq!(st.services["web"].vip, Some(ip("10.0.0.200")));
+        let p = |v: &str| vip(&st, "api", v);
+        assert!(assert_invalid(p("10.0.0"), "vip", "10.0.0").contains("not an IPv4"));
+        assert!(assert_invalid(p("web"), "vip", "web").contains("not an IPv4"));
+        assert!(assert_invalid(p("10.0.1.2"), "vip", "10.0.1.2").contains("not inside"));
+        assert!(assert_invalid(p("10.0.0.0"), "vip", "10.0.0.0").contains("network address"));
+        assert!(assert_invalid(p("10.0.0.255"), "vip", "10.0.0.255").contains("broadcast"));
+        assert!(assert_invalid(p("10.0.0.1"), "vip", "10.0.0.1").contains("gateway"));
+        assert!(
+            assert_invalid(p("10.0.0.5"), "vip", "10.0.0.5").contains("aux address \"router\"")
+        );
+        assert!(assert_invalid(p("10.0.0.9"), "vip", "10.0.0.9").contains("sandbox \"t\""));
+        let m = assert_invalid(p("10.0.0.200"), "vip", "10.0.0.200");
+        assert!(m.contains("VIP of service \"web\""), "{m}");
+        p("10.0.0.2").unwrap();
+    }
+
+    #[test]
+    fn vip_allocation_skips_gateway_aux_and_endpoints() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            ip_range: Some("10.0.0.0/29".into()), // hosts .1-.7
+            gateway: Some("10.0.0.2".into()),
+            aux_addresses: vec!["a=10.0.0.1".into(), "b=10.0.0.4".into()],
+            ..req("n", Some("10.0.0.0/24"))
+        };
+        create_net(&mut st, &r);
+        create_sb(&mut st, "s");
+        assert_eq!(connect(&mut st, "n", "s", None).ip, ip("10.0.0.3"));
+        assert_eq!(
+            add_svc(&mut st, &svc("web", "n", &["80"])).vip,
+            Some(ip("10.0.0.5"))
+        );
+        // The endpoint allocation skips the VIP ...
+        create_sb(&mut st, "t");
+        assert_eq!(connect(&mut st, "n", "t", None).ip, ip("10.0.0.6"));
+        // ... and the next VIP skips both.
+        assert_eq!(
+            add_svc(&mut st, &svc("api", "n", &["80"])).vip,
+            Some(ip("10.0.0.7"))
+        );
+        // The range is exhausted for VIPs as for endpoints; dnsrr needs no address.
+        assert_conflict(
+            st.plan_add_service(&svc("db", "n", &["80"]), NOW),
+            &["network \"n\": no free address left in 10.0.0.0/29 (ip-range of 10.0.0.0/24)"],
+        );
+        create_sb(&mut st, "u");
+        let a = st.plan_connect(&conn("n", "u", None)).unwrap_err();
+        let b = st
+            .plan_add_service(&svc("db", "n", &["80"]), NOW)
+            .unwrap_err();
+        assert_eq!(a, b, "the same error as connect's");
+        let r = AddService {
+            mode: Some("dnsrr".into()),
+            ..svc("db", "n", &[])
+        };
+        add_svc(&mut st, &r);
+        // Removing a service frees its VIP for endpoints.
+        st.apply(&st.plan_remove_service("web").unwrap());
+        assert_eq!(connect(&mut st, "n", "u", None).ip, ip("10.0.0.5"));
+    }
+
+    #[test]
+    fn endpoint_static_ip_may_not_be_a_vip() {
+        let mut st = base();
+        let r = AddService {
+            vip: Some("10.0.0.50".into()),
+            ..svc("web", "n", &["80"])
+        };
+        add_svc(&mut st, &r);
+        let m = assert_invalid(
+            st.plan_connect(&conn("n", "s", Some("10.0.0.50"))),
+            "ip",
+            "10.0.0.50",
+        );
+        assert!(
+            m.contains("VIP of service \"web\"") && m.contains("\"n\""),
+            "{m}"
+        );
+        // A VIP on another network does not matter.
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        let r = AddService {
+            vip: Some("10.1.0.50".into()),
+            ..svc("api", "m", &["80"])
+        };
+        add_svc(&mut st, &r);
+        connect(&mut st, "n", "s", Some("10.0.0.51"));
+    }
+
+    #[test]
+    fn address_usage_counts_vips() {
+        let mut st = State::default();
+        let r = CreateNetwork {
+            ip_range: Some("10.0.0.0/29".into()), // hosts .1-.7, gateway .1: 6 allocatable
+            ..req("n", Some("10.0.0.0/24"))
+        };
+        create_net(&mut st, &r);
+        create_sb(&mut st, "s");
+        assert_eq!(st.address_usage("n"), Some((6, 0)));
+        connect(&mut st, "n", "s", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        assert_eq!(st.address_usage("n"), Some((6, 2)));
+        // A static VIP outside the range adds to the total, as a static --ip does.
+        let r = AddService {
+            vip: Some("10.0.0.100".into()),
+            ..svc("api", "n", &["80"])
+        };
+        add_svc(&mut st, &r);
+        assert_eq!(st.address_usage("n"), Some((7, 3)));
+        let r = AddService {
+            mode: Some("dnsrr".into()),
+            ..svc("db", "n", &[])
+        };
+        add_svc(&mut st, &r);
+        assert_eq!(st.address_usage("n"), Some((7, 3)), "dnsrr has no VIP");
+        st.apply(&st.plan_remove_service("api").unwrap());
+        assert_eq!(st.address_usage("n"), Some((6, 2)));
+    }
+
+    #[test]
+    fn service_ids_and_remove() {
+        let mut st = base();
+        for n in ["a", "b", "c"] {
+            add_svc(&mut st, &svc(n, "n", &["80"]));
+        }
+        assert_not_found(st.plan_remove_service("x"), "service", "x");
+        assert_eq!(
+            st.plan_remove_service("b").unwrap(),
+            vec![Change::DeleteService("b".into())]
+        );
+        st.apply(&st.plan_remove_service("b").unwrap());
+        let sv = add_svc(&mut st, &svc("d", "n", &["80"]));
+        assert_eq!(sv.id, 2, "lowest free id");
+        assert_eq!(sv.vip, Some(ip("10.0.0.3")), "b's VIP is free again");
+        assert_eq!(add_svc(&mut st, &svc("e", "n", &["80"])).id, 4);
+    }
+
+    #[test]
+    fn attach_errors() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        create_sb(&mut st, "t");
+        connect(&mut st, "m", "t", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        assert_not_found(st.plan_attach("x", "s"), "service", "x");
+        assert_not_found(st.plan_attach("web", "x"), "sandbox", "x");
+        assert_conflict(
+            st.plan_attach("web", "t"),
+            &[
+                "sandbox \"t\" is not connected to network \"n\" (the network of service \"web\")",
+                "netctl network connect n t",
+            ],
+        );
+        connect(&mut st, "n", "s", None);
+        attach(&mut st, "web", "s");
+        assert_conflict(
+            st.plan_attach("web", "s"),
+            &["sandbox \"s\"", "already a backend", "service \"web\""],
+        );
+    }
+
+    #[test]
+    fn detach_errors() {
+        let mut st = base();
+        create_sb(&mut st, "t");
+        connect(&mut st, "n", "s", None);
+        connect(&mut st, "n", "t", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        attach(&mut st, "web", "s");
+        assert_not_found(st.plan_detach("x", "s"), "service", "x");
+        assert_not_found(st.plan_detach("web", "x"), "sandbox", "x");
+        assert_conflict(
+            st.plan_detach("web", "t"),
+            &["sandbox \"t\" is not a backend of service \"web\""],
+        );
+    }
+
+    #[test]
+    fn attach_detach_ids() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        for sb in ["a", "b", "c"] {
+            create_sb(&mut st, sb);
+        }
+        let ea = connect(&mut st, "n", "a", None);
+        connect(&mut st, "n", "b", None);
+        connect(&mut st, "m", "c", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        add_svc(&mut st, &svc("api", "m", &["80"]));
+
+        let b1 = attach(&mut st, "web", "a");
+        assert_eq!(
+            b1,
+            Backend {
+                id: 1,
+                endpoint: ea.id.clone(),
+                sandbox: "a".into(),
+                ip: ea.ip,
+            }
+        );
+        assert_eq!(attach(&mut st, "web", "b").id, 2);
+        // Ids are unique over all services.
+        assert_eq!(attach(&mut st, "api", "c").id, 3);
+        assert_eq!(backend_sandboxes(&st, "web"), ["a", "b"]);
+
+        let c = st.plan_detach("web", "a").unwrap();
+        let [Change::PutService(sv)] = &c[..] else {
+            panic!()
+        };
+        assert_eq!(sv.backends.len(), 1);
+        assert_eq!(sv.backends[0].sandbox, "b");
+        assert_eq!(sv.vip, st.services["web"].vip, "only the backends change");
+        st.apply(&c);
+        // The lowest free id (1) is reused, and the backend goes to the end.
+        assert_eq!(attach(&mut st, "web", "a").id, 1);
+        assert_eq!(backend_sandboxes(&st, "web"), ["b", "a"]);
+        st.apply(&st.plan_detach("api", "c").unwrap());
+        assert_eq!(attach(&mut st, "api", "c").id, 3);
+    }
+
+    #[test]
+    fn disconnect_detaches_backends() {
+        let mut st = base();
+        create_sb(&mut st, "t");
+        let es = connect(&mut st, "n", "s", None);
+        connect(&mut st, "n", "t", None);
+        for n in ["web", "api", "other"] {
+            add_svc(&mut st, &svc(n, "n", &["80"]));
+        }
+        attach(&mut st, "web", "s");
+        attach(&mut st, "web", "t");
+        attach(&mut st, "api", "s");
+        attach(&mut st, "other", "t");
+        let c = st.plan_disconnect("n", "s").unwrap();
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert_eq!(*c.last().unwrap(), Change::DeleteEndpoint(es.id));
+        let mut put: Vec<&Service> = c
+            .iter()
+            .filter_map(|c| match c {
+                Change::PutService(sv) => Some(sv),
+                _ => None,
+            })
+            .collect();
+        put.sort_by_key(|sv| sv.name.clone());
+        assert_eq!(put[0].name, "api");
+        assert!(put[0].backends.is_empty());
+        assert_eq!(put[1].name, "web");
+        assert_eq!(put[1].backends.len(), 1);
+        assert_eq!(put[1].backends[0].sandbox, "t");
+        st.apply(&c);
+        assert_eq!(backend_sandboxes(&st, "other"), ["t"]);
+        assert_eq!(backend_sandboxes(&st, "web"), ["t"]);
+    }
+
+    #[test]
+    fn remove_sandbox_detaches_backends() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        create_sb(&mut st, "t");
+        let e1 = connect(&mut st, "n", "s", None);
+        let e2 = connect(&mut st, "m", "s", None);
+        connect(&mut st, "n", "t", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        add_svc(&mut st, &svc("api", "m", &["80"]));
+        attach(&mut st, "web", "s");
+        attach(&mut st, "web", "t");
+        attach(&mut st, "api", "s");
+        let c = st.plan_remove_sandbox("s").unwrap();
+        assert_eq!(c.len(), 5, "{c:?}");
+        assert!(
+            matches!(&c[0], Change::PutService(sv) if sv.name == "api" && sv.backends.is_empty())
+        );
+        assert!(
+            matches!(&c[1], Change::PutService(sv) if sv.name == "web" && sv.backends.len() == 1)
+        );
+        assert!(c[2..4].contains(&Change::DeleteEndpoint(e1.id)));
+        assert!(c[2..4].contains(&Change::DeleteEndpoint(e2.id)));
+        assert_eq!(c[4], Change::DeleteSandbox("s".into()));
+        st.apply(&c);
+        assert_eq!(backend_sandboxes(&st, "web"), ["t"]);
+        assert!(st.services["api"].backends.is_empty());
+        // No backend refers to a missing endpoint.
+        for sv in st.services.values() {
+            for b in &sv.backends {
+                assert!(st.endpoints.contains_key(&b.endpoint));
+            }
+        }
+    }
+
+    #[test]
+    fn remove_network_refused_with_services() {
+        let mut st = base();
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        connect(&mut st, "n", "s", None);
+        // Endpoints are reported first.
+        assert_conflict(st.plan_remove_network("n"), &["1 endpoints", "disconnect"]);
+        st.apply(&st.plan_disconnect("n", "s").unwrap());
+        assert_conflict(
+            st.plan_remove_network("n"),
+            &[
+                "network \"n\" has 1 services (web)",
+                "remove them first (netctl service rm NAME)",
+            ],
+        );
+        add_svc(&mut st, &svc("api", "n", &["80"]));
+        assert_conflict(st.plan_remove_network("n"), &["2 services (api, web)"]);
+        st.apply(&st.plan_remove_service("web").unwrap());
+        st.apply(&st.plan_remove_service("api").unwrap());
+        assert_eq!(
+            st.plan_remove_network("n").unwrap(),
+            vec![Change::DeleteNetwork("n".into())]
+        );
+    }
+
+    #[test]
+    fn connect_alias_may_not_be_a_service_name() {
+        let mut st = base();
+        create_net(&mut st, &req("m", Some("10.1.0.0/24")));
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        let mut r = conn("n", "s", None);
+        r.aliases = vec!["db".into(), "web".into()];
+        assert_conflict(
+            st.plan_connect(&r),
+            &["alias \"web\"", "service \"web\"", "network \"n\""],
+        );
+        // On another network the alias is free.
+        r.network = "m".into();
+        st.apply(&st.plan_connect(&r).unwrap());
+        // A sandbox named like the service may connect (DNS answers the service first).
+        create_sb(&mut st, "web");
+        connect(&mut st, "n", "web", None);
+    }
+
+    #[test]
+    fn service_planning_is_pure() {
+        let mut st = base();
+        create_sb(&mut st, "t");
+        connect(&mut st, "n", "s", None);
+        connect(&mut st, "n", "t", None);
+        add_svc(&mut st, &svc("web", "n", &["80"]));
+        attach(&mut st, "web", "s");
+        let before = st.clone();
+        let _ = st.plan_add_service(&svc("api", "n", &["80"]), NOW).unwrap();
+        let _ = st
+            .plan_add_service(&svc("web", "n", &["80"]), NOW)
+            .unwrap_err();
+        let _ = st.plan_remove_service("web").unwrap();
+        let _ = st.plan_attach("web", "t").unwrap();
+        let _ = st.plan_detach("web", "s").unwrap();
         let _ = st.plan_disconnect("n", "s").unwrap();
         let _ = st.plan_remove_sandbox("s").unwrap();
         let _ = st.plan_remove_network("n").unwrap_err();

@@ -1,15 +1,20 @@
 //! netctl's eBPF programs. One entry per hook; the logic lives in the modules beside this one.
 //!
-//! - `from_endpoint`: TC ingress of an endpoint's host-side veth (packets leaving a sandbox).
-//! - `to_endpoint`: TC egress of the same veth (packets entering the sandbox).
+//! - `from_endpoint`: TC ingress of an endpoint's host-side veth (packets leaving a sandbox):
+//!   anti-spoofing, ARP for VIPs, load balancing to services (DNAT), isolation.
+//! - `to_endpoint`: TC egress of the same veth (packets entering the sandbox): isolation,
+//!   reverse NAT of service replies and of ICMP errors about them.
 //! - `uplink_ingress`: TC ingress of the node's uplink (counts; VXLAN and the routing mesh
 //!   come later).
 //!
-//! Each entry returns `Result<(), DropReason>`; [`verdict`] turns it into a TC action and
-//! counts it, so no path can drop without saying why.
+//! Each entry computes `Result<Action, DropReason>`; [`verdict`] turns it into a TC action
+//! and counts it, so no path can drop without saying why.
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod lb;
+mod nat;
 mod parse;
 mod policy;
 mod stats;
@@ -19,17 +24,23 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use lb::{Action, Flow};
 use netctl_common::{DropReason, SLOT_PASS_FROM_ENDPOINT, SLOT_PASS_TO_ENDPOINT, SLOT_PASS_UPLINK};
 use parse::{
-    ArpEthIpv4, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE, EthHdr, IPV4_MIN_HLEN, Ipv4Hdr, ptr_at,
+    ArpEthIpv4, ETH_HLEN, ETH_P_ARP_BE, ETH_P_IP_BE, EthHdr, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Hdr, ptr_at,
 };
 
 #[inline(always)]
-fn verdict(ctx: &TcContext, pass_slot: u32, r: Result<(), DropReason>) -> i32 {
+fn verdict(ctx: &TcContext, pass_slot: u32, r: Result<Action, DropReason>) -> i32 {
     match r {
-        Ok(()) => {
+        Ok(Action::Pass) => {
             stats::count(ctx, pass_slot);
             TC_ACT_OK
+        }
+        Ok(Action::Redirect(ifindex)) => {
+            stats::count(ctx, pass_slot);
+            lb::redirect(ifindex)
         }
         Err(reason) => {
             stats::count(ctx, reason.slot());
@@ -44,6 +55,13 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+#[inline(always)]
+fn eth(ctx: &TcContext) -> Result<&EthHdr, DropReason> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
+    // SAFETY: ptr_at checked the bounds.
+    Ok(unsafe { &*eth })
+}
+
 /// The IPv4 header, after checking the version and that the whole header (with options) is
 /// present. Options are allowed; only the fixed part is read.
 #[inline(always)]
@@ -51,18 +69,12 @@ fn ipv4(ctx: &TcContext) -> Result<&Ipv4Hdr, DropReason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::Malformed)?;
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &*ip };
-    let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
-    if ip.ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || ctx.data() + ETH_HLEN + ihl > ctx.data_end() {
+    let ihl = ip.hlen();
+    if ip.ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || ctx.data() + ETH_HLEN + ihl > ctx.data_end()
+    {
         return Err(DropReason::Malformed);
     }
     Ok(ip)
-}
-
-#[inline(always)]
-fn eth(ctx: &TcContext) -> Result<&EthHdr, DropReason> {
-    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DropReason::Malformed)?;
-    // SAFETY: ptr_at checked the bounds.
-    Ok(unsafe { &*eth })
 }
 
 #[inline(always)]
@@ -76,14 +88,24 @@ fn arp(ctx: &TcContext) -> Result<&ArpEthIpv4, DropReason> {
     Ok(a)
 }
 
+/// The TCP or UDP flow of an unfragmented packet, if it is one.
+#[inline(always)]
+fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Option<Flow>, DropReason> {
+    if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP) || ip.is_fragment() {
+        return Ok(None);
+    }
+    Flow::read(ctx, ip).map(Some).ok_or(DropReason::Malformed)
+}
+
 #[classifier]
 pub fn from_endpoint(ctx: TcContext) -> i32 {
     let r = try_from_endpoint(&ctx);
     verdict(&ctx, SLOT_PASS_FROM_ENDPOINT, r)
 }
 
-fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
-    let ep = policy::iface(ifindex(ctx))?;
+fn try_from_endpoint(ctx: &TcContext) -> Result<Action, DropReason> {
+    let ifindex = ifindex(ctx);
+    let ep = policy::iface(ifindex)?;
     let eth = eth(ctx)?;
     if eth.src != ep.mac {
         return Err(DropReason::SpoofedMac);
@@ -94,7 +116,20 @@ fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
             if ip.src != ep.ip {
                 return Err(DropReason::SpoofedIp);
             }
-            policy::check_peer(&ep, ip.dst)
+            if let Some(f) = flow(ctx, ip)? {
+                if let Some(r) = lb::from_endpoint(ctx, &ep, ifindex, &f) {
+                    return r;
+                }
+            }
+            if lb::is_vip(ip.dst) {
+                // A VIP, but not a port and protocol of its service (or a fragment).
+                return Err(if ip.is_fragment() {
+                    DropReason::Fragment
+                } else {
+                    DropReason::NoService
+                });
+            }
+            policy::check_peer(&ep, ip.dst).map(|()| Action::Pass)
         }
         ETH_P_ARP_BE => {
             let a = arp(ctx)?;
@@ -105,7 +140,10 @@ fn try_from_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
             if a.spa != ep.ip && a.spa != [0; 4] {
                 return Err(DropReason::SpoofedIp);
             }
-            Ok(())
+            if let Some(r) = lb::arp_reply_for_vip(ctx, &ep, ifindex, a) {
+                return r;
+            }
+            Ok(Action::Pass)
         }
         _ => Err(DropReason::UnsupportedL3),
     }
@@ -117,22 +155,29 @@ pub fn to_endpoint(ctx: TcContext) -> i32 {
     verdict(&ctx, SLOT_PASS_TO_ENDPOINT, r)
 }
 
-fn try_to_endpoint(ctx: &TcContext) -> Result<(), DropReason> {
+fn try_to_endpoint(ctx: &TcContext) -> Result<Action, DropReason> {
     let ep = policy::iface(ifindex(ctx))?;
     let eth = eth(ctx)?;
     match eth.proto_be {
         ETH_P_IP_BE => {
             let ip = ipv4(ctx)?;
-            policy::check_peer(&ep, ip.src)
+            policy::check_peer(&ep, ip.src)?;
+            if ip.proto == IPPROTO_ICMP {
+                let (src, hlen) = (ip.src, ip.hlen());
+                lb::icmp_reverse_nat(ctx, src, hlen)?;
+            } else if let Some(f) = flow(ctx, ip)? {
+                lb::reverse_nat(ctx, &f)?;
+            }
+            Ok(Action::Pass)
         }
-        ETH_P_ARP_BE => arp(ctx).map(|_| ()),
+        ETH_P_ARP_BE => arp(ctx).map(|_| Action::Pass),
         _ => Err(DropReason::UnsupportedL3),
     }
 }
 
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    verdict(&ctx, SLOT_PASS_UPLINK, Ok(()))
+    verdict(&ctx, SLOT_PASS_UPLINK, Ok(Action::Pass))
 }
 
 #[cfg(not(test))]

@@ -10,6 +10,15 @@ pub const ETH_HLEN: usize = 14;
 /// EtherTypes, as read from the wire (network byte order) into a `u16`.
 pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 pub const ETH_P_ARP_BE: u16 = 0x0806u16.to_be();
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+/// ICMP types that carry the header of the packet they are about (RFC 792).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROB: u8 = 12;
+pub const ARPOP_REQUEST_BE: u16 = 1u16.to_be();
+pub const ARPOP_REPLY_BE: u16 = 2u16.to_be();
 
 #[repr(C)]
 pub struct EthHdr {
@@ -35,6 +44,35 @@ pub struct Ipv4Hdr {
     pub dst: [u8; 4],
 }
 pub const IPV4_MIN_HLEN: usize = 20;
+
+impl Ipv4Hdr {
+    /// More-fragments set or a fragment offset: ports are only in the first fragment.
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        u16::from_be(self.frag_off_be) & 0x3fff != 0
+    }
+    #[inline(always)]
+    pub fn hlen(&self) -> usize {
+        usize::from(self.ver_ihl & 0x0f) * 4
+    }
+}
+
+/// The first four bytes of TCP and UDP: the ports.
+#[repr(C)]
+pub struct L4Ports {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// The ICMP header (RFC 792).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub ty: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+pub const ICMP_HLEN: usize = 8;
 
 /// ARP for Ethernet and IPv4 (RFC 826), the only kind endpoints may send.
 #[repr(C)]

@@ -34,6 +34,26 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub uplink: Option<String>,
     pub resync: Duration,
+    /// Entries of the conntrack LRU table.
+    pub conntrack_size: u32,
+    /// Conntrack timeouts: a TCP flow being opened, established, closing; UDP.
+    pub ct_syn: Duration,
+    pub ct_established: Duration,
+    pub ct_closing: Duration,
+    pub ct_udp: Duration,
+}
+
+impl Options {
+    /// The timeouts as the `CT_TIMEOUTS` map holds them.
+    pub fn ct_timeouts_ns(&self) -> [u64; netctl_common::CT_TIMEOUT_SLOTS as usize] {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut t = [0; netctl_common::CT_TIMEOUT_SLOTS as usize];
+        t[netctl_common::CT_TIMEOUT_SYN as usize] = ns(self.ct_syn);
+        t[netctl_common::CT_TIMEOUT_ESTABLISHED as usize] = ns(self.ct_established);
+        t[netctl_common::CT_TIMEOUT_CLOSING as usize] = ns(self.ct_closing);
+        t[netctl_common::CT_TIMEOUT_UDP as usize] = ns(self.ct_udp);
+        t
+    }
 }
 
 /// An API failure: the one line the user sees and the HTTP status it travels with.
@@ -88,6 +108,8 @@ pub struct Status {
     pub networks: usize,
     pub sandboxes: usize,
     pub endpoints: usize,
+    #[serde(default)]
+    pub services: usize,
     pub programs: Vec<Attachment>,
     pub maps: Vec<MapUsage>,
     pub reconcile: ReconcileInfo,
@@ -201,9 +223,19 @@ impl Agent {
         let state = store.load().context("load the desired state")?;
         let pin_dir = opts.pin_dir.clone();
         let uplink = opts.uplink.clone();
+        let (ct_size, ct_timeouts) = (opts.conntrack_size, opts.ct_timeouts_ns());
         let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<Datapath> {
-            let mut dp = Datapath::open(&pin_dir)
+            let mut dp = Datapath::open(&pin_dir, ct_size)
                 .with_context(|| format!("set up the data plane under {}", pin_dir.display()))?;
+            dp.set_ct_timeouts(ct_timeouts)
+                .context("write the conntrack timeouts")?;
+            if dp.conntrack_size() != ct_size {
+                tracing::warn!(
+                    pinned = dp.conntrack_size(),
+                    asked = ct_size,
+                    "the pinned conntrack table keeps its size; `netctl down` then `netctl up` resizes it"
+                );
+            }
             if let Some(u) = uplink {
                 dp.attach_uplink(&u)
                     .with_context(|| format!("attach to the uplink {u}"))?;
@@ -594,6 +626,65 @@ impl Agent {
         Ok(())
     }
 
+    pub fn list_services(&self) -> Vec<crate::model::Service> {
+        self.state.services.values().cloned().collect()
+    }
+
+    pub fn inspect_service(&self, name: &str) -> Result<crate::model::Service> {
+        Ok(self
+            .state
+            .services
+            .get(name)
+            .cloned()
+            .ok_or(ModelError::NotFound {
+                kind: "service",
+                name: name.to_owned(),
+            })?)
+    }
+
+    /// Commits a service change and programs the maps (make-before-break inside
+    /// `reconcile::apply`); a failure to program reverts the commit.
+    async fn service_change(&mut self, changes: Vec<Change>) -> Result<()> {
+        self.create_with(changes, async |a: &mut Agent| {
+            a.sync_maps()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn add_service(
+        &mut self,
+        req: crate::model::AddService,
+    ) -> Result<crate::model::Service> {
+        let changes = self.state.plan_add_service(&req, &now_rfc3339())?;
+        self.service_change(changes).await?;
+        tracing::info!(service = %req.name, "service added");
+        self.inspect_service(&req.name)
+    }
+
+    pub async fn remove_service(&mut self, name: &str) -> Result<()> {
+        let changes = self.state.plan_remove_service(name)?;
+        self.commit(&changes)?;
+        self.sync_maps()?;
+        tracing::info!(service = %name, "service removed");
+        Ok(())
+    }
+
+    pub async fn attach(&mut self, service: &str, target: &str) -> Result<crate::model::Service> {
+        let changes = self.state.plan_attach(service, target)?;
+        self.service_change(changes).await?;
+        tracing::info!(service, target, "backend attached");
+        self.inspect_service(service)
+    }
+
+    pub async fn detach(&mut self, service: &str, target: &str) -> Result<crate::model::Service> {
+        let changes = self.state.plan_detach(service, target)?;
+        self.commit(&changes)?;
+        self.sync_maps()?;
+        tracing::info!(service, target, "backend detached");
+        self.inspect_service(service)
+    }
+
     pub fn status(&self) -> Result<Status> {
         Ok(Status {
             agent: AgentInfo {
@@ -617,6 +708,7 @@ impl Agent {
             networks: self.state.networks.len(),
             sandboxes: self.state.sandboxes.len(),
             endpoints: self.state.endpoints.len(),
+            services: self.state.services.len(),
             programs: self.dp.attachments()?,
             maps: self.dp.map_usage(),
             reconcile: self.reconcile.clone(),

@@ -58,6 +58,13 @@ pub struct ConnectBody {
     pub aliases: Vec<String>,
 }
 
+/// `POST /v1/services/{name}/attach` and `.../detach`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetBody {
+    /// A sandbox name.
+    pub target: String,
+}
+
 /// `POST /v1/networks/{name}/disconnect`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DisconnectBody {
@@ -84,6 +91,13 @@ pub fn router(agent: Shared, shutdown: watch::Sender<bool>) -> Router {
             "/v1/sandboxes/{name}",
             get(inspect_sandbox).delete(remove_sandbox),
         )
+        .route("/v1/services", get(list_services).post(add_service))
+        .route(
+            "/v1/services/{name}",
+            get(inspect_service).delete(remove_service),
+        )
+        .route("/v1/services/{name}/attach", post(attach))
+        .route("/v1/services/{name}/detach", post(detach))
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/reconcile", post(reconcile))
@@ -184,6 +198,48 @@ async fn remove_sandbox(
 ) -> ApiResult<serde_json::Value> {
     c.agent.lock().await.remove_sandbox(&name).await?;
     Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+async fn list_services(State(c): State<Ctx>) -> ApiResult<Vec<crate::model::Service>> {
+    Ok(Json(c.agent.lock().await.list_services()))
+}
+
+async fn add_service(
+    State(c): State<Ctx>,
+    Json(req): Json<crate::model::AddService>,
+) -> ApiResult<crate::model::Service> {
+    Ok(Json(c.agent.lock().await.add_service(req).await?))
+}
+
+async fn inspect_service(
+    State(c): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<crate::model::Service> {
+    Ok(Json(c.agent.lock().await.inspect_service(&name)?))
+}
+
+async fn remove_service(
+    State(c): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    c.agent.lock().await.remove_service(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+async fn attach(
+    State(c): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+    Json(b): Json<TargetBody>,
+) -> ApiResult<crate::model::Service> {
+    Ok(Json(c.agent.lock().await.attach(&name, &b.target).await?))
+}
+
+async fn detach(
+    State(c): State<Ctx>,
+    UrlPath(name): UrlPath<String>,
+    Json(b): Json<TargetBody>,
+) -> ApiResult<crate::model::Service> {
+    Ok(Json(c.agent.lock().await.detach(&name, &b.target).await?))
 }
 
 async fn status(State(c): State<Ctx>) -> ApiResult<crate::agent::Status> {

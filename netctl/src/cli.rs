@@ -51,6 +51,54 @@ pub enum Cmd {
     /// Manage sandboxes (named network namespaces).
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+    /// Manage services (a VIP balanced over backends, or DNS round robin).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Add a service on a network.
+    Add {
+        name: String,
+        /// The service's network.
+        #[arg(long)]
+        network: String,
+        /// PORT[:TARGET][/tcp|/udp]: VIP:PORT goes to backend:TARGET (default PORT, tcp).
+        #[arg(long = "port")]
+        port: Vec<String>,
+        /// vip (a virtual IP balanced in the data plane) or dnsrr (DNS round robin).
+        #[arg(long, default_value = "vip")]
+        mode: String,
+        /// The VIP (default: the next free address of the network).
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Make a sandbox's endpoint on the service's network a backend.
+    Attach { service: String, sandbox: String },
+    /// Stop a sandbox being a backend.
+    Detach { service: String, sandbox: String },
+    /// List services.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Display a service: VIP, ports, mode, backends (JSON).
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Remove one or more services.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +115,21 @@ pub struct UpArgs {
     /// Seconds between full reconciliations of the kernel against the store.
     #[arg(long, default_value_t = 30)]
     pub resync_interval: u64,
+    /// Entries of the conntrack table (an LRU hash) for service flows.
+    #[arg(long, default_value_t = netctl_common::CT_DEFAULT_SIZE)]
+    pub conntrack_size: u32,
+    /// How long an idle established TCP flow to a service is kept (e.g. 6h, 90m).
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    pub ct_timeout_established: Duration,
+    /// How long a TCP flow being opened (SYN seen) is kept.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ct_timeout_syn: Duration,
+    /// How long a TCP flow is kept after a FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ct_timeout_closing: Duration,
+    /// How long an idle UDP flow is kept.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub ct_timeout_udp: Duration,
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -312,6 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Network(n) => network(&c, n).await,
         Cmd::Sandbox(s) => sandbox(&c, s).await,
+        Cmd::Service(s) => service(&c, s).await,
     }
 }
 
@@ -336,6 +400,11 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         uplink: args.uplink,
         resync: Duration::from_secs(args.resync_interval.max(1)),
+        conntrack_size: args.conntrack_size,
+        ct_syn: args.ct_timeout_syn,
+        ct_established: args.ct_timeout_established,
+        ct_closing: args.ct_timeout_closing,
+        ct_udp: args.ct_timeout_udp,
     };
     let agent = match crate::agent::Agent::start(opts.clone()).await {
         Ok(a) => a,
@@ -516,6 +585,106 @@ fn print_list<T: serde::Serialize>(
     Ok(())
 }
 
+async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
+    use crate::model::{AddService, Service, ServiceMode};
+    let path = |n: &str| -> anyhow::Result<String> {
+        Ok(format!("/v1/services/{}", path_name("service", n)?))
+    };
+    match cmd {
+        ServiceCmd::Add {
+            name,
+            network,
+            port,
+            mode,
+            vip,
+        } => {
+            let req = AddService {
+                name,
+                network,
+                ports: port,
+                mode: Some(mode),
+                vip,
+            };
+            let s: Service = c.post("/v1/services", &req).await?;
+            match s.vip {
+                Some(v) => println!("{} {v}", s.name),
+                None => println!("{}", s.name),
+            }
+        }
+        ServiceCmd::Attach { service, sandbox } => {
+            let s: Service = c
+                .post(
+                    &format!("{}/attach", path(&service)?),
+                    &crate::api::TargetBody { target: sandbox },
+                )
+                .await?;
+            println!("{} {} backends", s.name, s.backends.len());
+        }
+        ServiceCmd::Detach { service, sandbox } => {
+            let s: Service = c
+                .post(
+                    &format!("{}/detach", path(&service)?),
+                    &crate::api::TargetBody { target: sandbox },
+                )
+                .await?;
+            println!("{} {} backends", s.name, s.backends.len());
+        }
+        ServiceCmd::Ls { format, quiet } => {
+            let ss: Vec<Service> = c.get("/v1/services").await?;
+            print_list(
+                &ss,
+                format,
+                quiet,
+                |s| &s.name,
+                &["NAME", "NETWORK", "MODE", "VIP", "PORTS", "BACKENDS"],
+                |s| {
+                    vec![
+                        s.name.clone(),
+                        s.network.clone(),
+                        match s.mode {
+                            ServiceMode::Vip => "vip",
+                            ServiceMode::Dnsrr => "dnsrr",
+                        }
+                        .into(),
+                        s.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                        s.ports
+                            .iter()
+                            .map(|p| {
+                                let proto = match p.proto {
+                                    crate::model::Proto::Tcp => "tcp",
+                                    crate::model::Proto::Udp => "udp",
+                                };
+                                if p.port == p.target {
+                                    format!("{}/{proto}", p.port)
+                                } else {
+                                    format!("{}:{}/{proto}", p.port, p.target)
+                                }
+                            })
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        s.backends.len().to_string(),
+                    ]
+                },
+            )?;
+        }
+        ServiceCmd::Inspect { names, format: _ } => {
+            let mut out = Vec::new();
+            for n in &names {
+                let v: Service = c.get(&path(n)?).await?;
+                out.push(v);
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        ServiceCmd::Rm { names } => {
+            for n in &names {
+                let _: Value = c.delete(&path(n)?).await?;
+                println!("{n}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -632,6 +801,14 @@ fn print_stats(s: &Stats, f: Format) -> anyhow::Result<()> {
             s.uplink.bytes.to_string(),
         ],
     ];
+    for (event, c) in &s.events {
+        rows.push(vec![
+            "event".into(),
+            event.clone(),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
     for (reason, c) in &s.drops {
         rows.push(vec![
             "drop".into(),

@@ -15,15 +15,17 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use netctl_common::{
-    COUNTER_SLOTS, Counter, DropReason, EndpointInfo, EndpointKey, IfaceInfo, LAYOUT_VERSION,
-    SLOT_PASS_FROM_ENDPOINT, SLOT_PASS_TO_ENDPOINT, SLOT_PASS_UPLINK, SubnetInfo, names,
+    BackendInfo, COUNTER_SLOTS, CT_TIMEOUT_SLOTS, Counter, CtEntry, CtKey, DropReason, EVENTS,
+    EndpointInfo, EndpointKey, IfaceInfo, LAYOUT_VERSION, MAGLEV_M, MAX_BACKENDS,
+    MAX_SERVICE_PORTS, MAX_SERVICES, MAX_VIPS, SLOT_PASS_FROM_ENDPOINT, SLOT_PASS_TO_ENDPOINT,
+    SLOT_PASS_UPLINK, SubnetInfo, SvcInfo, SvcKey, VipInfo, names,
 };
 use serde::Serialize;
 
@@ -175,6 +177,9 @@ pub struct Stats {
     pub uplink: Count,
     /// Drops by reason name (every reason present, zero or not).
     pub drops: BTreeMap<String, Count>,
+    /// Load-balancing events by name (packets also counted as passed).
+    #[serde(default)]
+    pub events: BTreeMap<String, Count>,
 }
 
 /// The reconciler's view of the data plane: whole-map syncs that add what is missing, fix
@@ -183,6 +188,17 @@ pub trait Dataplane {
     fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift>;
     fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift>;
     fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift>;
+    /// With `prune` false, only adds and updates (so a backend exists before any table
+    /// slot names it, and stays until none does).
+    fn sync_backends(&mut self, desired: &BTreeMap<u32, BackendInfo>, prune: bool)
+    -> Result<Drift>;
+    /// Rows of the Maglev table by service id (each `MAGLEV_M` backend ids); rows of
+    /// services not named are cleared.
+    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>) -> Result<Drift>;
+    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift>;
+    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>) -> Result<Drift>;
+    /// Deletes conntrack entries whose backend is not in `live`; returns how many.
+    fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64>;
     /// Attaches both endpoint programs to each named host-side veth and detaches them from
     /// every veth not named.
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift>;
@@ -197,6 +213,15 @@ pub struct Datapath {
     subnets: LpmTrie<MapData, [u8; 4], SubnetInfo>,
     endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     counters: PerCpuArray<MapData, Counter>,
+    services: HashMap<MapData, SvcKey, SvcInfo>,
+    vips: HashMap<MapData, [u8; 4], VipInfo>,
+    backends: HashMap<MapData, u32, BackendInfo>,
+    maglev: Array<MapData, u32>,
+    /// An LRU hash: aya's `HashMap` handles both kinds.
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ct_timeouts: Array<MapData, u64>,
+    /// Maglev rows as last written or read, so that a sync compares in memory.
+    maglev_rows: BTreeMap<u32, Vec<u32>>,
     from_endpoint: SchedClassifier,
     to_endpoint: SchedClassifier,
     uplink: SchedClassifier,
@@ -234,8 +259,9 @@ impl Datapath {
             .collect()
     }
 
-    /// Adopts the pinned object under `pin_dir`, or loads and pins it if there is none.
-    pub fn open(pin_dir: &Path) -> Result<Self> {
+    /// Adopts the pinned object under `pin_dir`, or loads and pins it if there is none
+    /// (with a conntrack table of `ct_size` entries; an adopted table keeps its size).
+    pub fn open(pin_dir: &Path, ct_size: u32) -> Result<Self> {
         let root = Self::root_for(pin_dir);
         ensure_bpffs(pin_dir)?;
         let pins = Self::all_pins(&root);
@@ -246,7 +272,7 @@ impl Datapath {
             for p in pins.iter().filter(|p| p.exists()) {
                 std::fs::remove_file(p).map_err(io_err(p))?;
             }
-            Self::install(&root)?;
+            Self::install(&root, ct_size)?;
         }
         let mut dp = Self::adopt(&root)?;
         dp.adopted = adopted;
@@ -254,7 +280,7 @@ impl Datapath {
     }
 
     /// Loads the embedded object and pins its maps and programs under `root`.
-    fn install(root: &Path) -> Result<()> {
+    fn install(root: &Path, ct_size: u32) -> Result<()> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -263,6 +289,7 @@ impl Datapath {
             std::fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
         let mut ebpf: Ebpf = EbpfLoader::new()
+            .map_max_entries(names::MAP_CONNTRACK, ct_size)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in names::PROGRAMS {
@@ -321,6 +348,19 @@ impl Datapath {
                 .map_err(typed(names::MAP_ENDPOINTS))?,
             counters: PerCpuArray::try_from(Self::open_map(root, names::MAP_COUNTERS)?)
                 .map_err(typed(names::MAP_COUNTERS))?,
+            services: HashMap::try_from(Self::open_map(root, names::MAP_SERVICES)?)
+                .map_err(typed(names::MAP_SERVICES))?,
+            vips: HashMap::try_from(Self::open_map(root, names::MAP_VIPS)?)
+                .map_err(typed(names::MAP_VIPS))?,
+            backends: HashMap::try_from(Self::open_map(root, names::MAP_BACKENDS)?)
+                .map_err(typed(names::MAP_BACKENDS))?,
+            maglev: Array::try_from(Self::open_map(root, names::MAP_MAGLEV)?)
+                .map_err(typed(names::MAP_MAGLEV))?,
+            conntrack: HashMap::try_from(Self::open_map(root, names::MAP_CONNTRACK)?)
+                .map_err(typed(names::MAP_CONNTRACK))?,
+            ct_timeouts: Array::try_from(Self::open_map(root, names::MAP_CT_TIMEOUTS)?)
+                .map_err(typed(names::MAP_CT_TIMEOUTS))?,
+            maglev_rows: BTreeMap::new(),
             from_endpoint: Self::open_prog(root, names::PROG_FROM_ENDPOINT)?,
             to_endpoint: Self::open_prog(root, names::PROG_TO_ENDPOINT)?,
             uplink: Self::open_prog(root, names::PROG_UPLINK_INGRESS)?,
@@ -485,6 +525,48 @@ impl Datapath {
                 max_entries: netctl_common::MAX_ENDPOINTS,
             },
             MapUsage {
+                name: names::MAP_SERVICES.into(),
+                kind: "hash".into(),
+                pin: pin(names::MAP_SERVICES),
+                entries: self.services.keys().count() as u64,
+                max_entries: MAX_SERVICE_PORTS,
+            },
+            MapUsage {
+                name: names::MAP_VIPS.into(),
+                kind: "hash".into(),
+                pin: pin(names::MAP_VIPS),
+                entries: self.vips.keys().count() as u64,
+                max_entries: MAX_VIPS,
+            },
+            MapUsage {
+                name: names::MAP_BACKENDS.into(),
+                kind: "hash".into(),
+                pin: pin(names::MAP_BACKENDS),
+                entries: self.backends.keys().count() as u64,
+                max_entries: MAX_BACKENDS,
+            },
+            MapUsage {
+                name: names::MAP_MAGLEV.into(),
+                kind: "array".into(),
+                pin: pin(names::MAP_MAGLEV),
+                entries: u64::from(MAX_SERVICES * MAGLEV_M),
+                max_entries: MAX_SERVICES * MAGLEV_M,
+            },
+            MapUsage {
+                name: names::MAP_CONNTRACK.into(),
+                kind: "lru_hash".into(),
+                pin: pin(names::MAP_CONNTRACK),
+                entries: self.conntrack.keys().count() as u64,
+                max_entries: self.conntrack_size(),
+            },
+            MapUsage {
+                name: names::MAP_CT_TIMEOUTS.into(),
+                kind: "array".into(),
+                pin: pin(names::MAP_CT_TIMEOUTS),
+                entries: u64::from(CT_TIMEOUT_SLOTS),
+                max_entries: CT_TIMEOUT_SLOTS,
+            },
+            MapUsage {
                 name: names::MAP_COUNTERS.into(),
                 kind: "percpu_array".into(),
                 pin: pin(names::MAP_COUNTERS),
@@ -511,11 +593,37 @@ impl Datapath {
             to_endpoints: slot(SLOT_PASS_TO_ENDPOINT)?,
             uplink: slot(SLOT_PASS_UPLINK)?,
             drops: BTreeMap::new(),
+            events: BTreeMap::new(),
         };
         for r in DropReason::ALL {
             s.drops.insert(r.name().to_owned(), slot(r.slot())?);
         }
+        for (i, name) in EVENTS {
+            s.events.insert(name.to_owned(), slot(i)?);
+        }
         Ok(s)
+    }
+
+    /// Capacity of the conntrack table as the kernel has it.
+    pub fn conntrack_size(&self) -> u32 {
+        aya::maps::MapInfo::from_pin(Self::map_pin(&self.root, names::MAP_CONNTRACK))
+            .map(|i| i.max_entries())
+            .unwrap_or(0)
+    }
+
+    /// Sets the conntrack timeouts (nanoseconds, by `CT_TIMEOUT_*` index).
+    pub fn set_ct_timeouts(&mut self, ns: [u64; CT_TIMEOUT_SLOTS as usize]) -> Result<()> {
+        for (i, v) in ns.iter().enumerate() {
+            self.ct_timeouts
+                .set(i as u32, *v, 0)
+                .map_err(map_err("write CT_TIMEOUTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Conntrack entries, for inspection and tests.
+    pub fn conntrack_entries(&self) -> Vec<(CtKey, CtEntry)> {
+        self.conntrack.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// Detaches every link and removes every pin under the root (`netctl down`).
@@ -624,6 +732,15 @@ fn sync<K: Ord + Copy, V: PartialEq + Copy>(
     desired: &BTreeMap<K, V>,
     name: &str,
 ) -> Result<Drift> {
+    sync_with(map, desired, name, true)
+}
+
+fn sync_with<K: Ord + Copy, V: PartialEq + Copy>(
+    map: &mut impl KeyedMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    name: &str,
+    prune: bool,
+) -> Result<Drift> {
     let actual = map.entries();
     let mut d = Drift::default();
     for (k, v) in desired {
@@ -634,9 +751,66 @@ fn sync<K: Ord + Copy, V: PartialEq + Copy>(
         }
         map.put(k, v).map_err(map_err(format!("write {name}")))?;
     }
-    for k in actual.keys().filter(|k| !desired.contains_key(k)) {
-        map.del(k).map_err(map_err(format!("delete from {name}")))?;
-        d.removed += 1;
+    if prune {
+        for k in actual.keys().filter(|k| !desired.contains_key(k)) {
+            map.del(k).map_err(map_err(format!("delete from {name}")))?;
+            d.removed += 1;
+        }
+    }
+    Ok(d)
+}
+
+/// Writes the Maglev rows that differ from `cache` (filled from the map on first use) and
+/// clears rows no longer desired.
+fn sync_maglev_rows(
+    cache: &mut BTreeMap<u32, Vec<u32>>,
+    desired: &BTreeMap<u32, Vec<u32>>,
+    mut read: impl FnMut(u32) -> Result<u32>,
+    mut write: impl FnMut(u32, u32) -> Result<()>,
+) -> Result<Drift> {
+    let m = MAGLEV_M as usize;
+    let mut d = Drift::default();
+    let empty = vec![0u32; m];
+    let stale: Vec<u32> = cache
+        .keys()
+        .filter(|id| !desired.contains_key(id))
+        .copied()
+        .collect();
+    for (id, row) in desired
+        .iter()
+        .map(|(id, r)| (*id, r))
+        .chain(stale.iter().map(|id| (*id, &empty)))
+    {
+        if id == 0 || id >= MAX_SERVICES || row.len() != m {
+            continue;
+        }
+        let current = match cache.get(&id) {
+            Some(c) => c.clone(),
+            None => (0..m as u32)
+                .map(|slot| read(id * MAGLEV_M + slot))
+                .collect::<Result<Vec<u32>>>()?,
+        };
+        let mut changed = false;
+        for (slot, (&want, &have)) in row.iter().zip(&current).enumerate() {
+            if want != have {
+                write(id * MAGLEV_M + slot as u32, want)?;
+                changed = true;
+            }
+        }
+        if changed {
+            if current.iter().all(|&b| b == 0) {
+                d.added += 1;
+            } else if row.iter().all(|&b| b == 0) {
+                d.removed += 1;
+            } else {
+                d.updated += 1;
+            }
+        }
+        if row.iter().all(|&b| b == 0) {
+            cache.remove(&id);
+        } else {
+            cache.insert(id, row.clone());
+        }
     }
     Ok(d)
 }
@@ -662,6 +836,58 @@ impl Dataplane for Datapath {
 
     fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
         sync(&mut self.endpoints, desired, names::MAP_ENDPOINTS)
+    }
+
+    fn sync_backends(
+        &mut self,
+        desired: &BTreeMap<u32, BackendInfo>,
+        prune: bool,
+    ) -> Result<Drift> {
+        sync_with(&mut self.backends, desired, names::MAP_BACKENDS, prune)
+    }
+
+    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>) -> Result<Drift> {
+        let map = &mut self.maglev;
+        let cell = std::cell::RefCell::new(map);
+        sync_maglev_rows(
+            &mut self.maglev_rows,
+            desired,
+            |i| {
+                cell.borrow()
+                    .get(&i, 0)
+                    .map_err(map_err(format!("read {}", names::MAP_MAGLEV)))
+            },
+            |i, v| {
+                cell.borrow_mut()
+                    .set(i, v, 0)
+                    .map_err(map_err(format!("write {}", names::MAP_MAGLEV)))
+            },
+        )
+    }
+
+    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift> {
+        sync(&mut self.services, desired, names::MAP_SERVICES)
+    }
+
+    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>) -> Result<Drift> {
+        sync(&mut self.vips, desired, names::MAP_VIPS)
+    }
+
+    fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64> {
+        let stale: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, e)| !live.contains(&e.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in stale {
+            if self.conntrack.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {
@@ -697,7 +923,15 @@ pub struct MemDataplane {
     pub ifaces: BTreeMap<u32, IfaceInfo>,
     pub subnets: BTreeMap<Ipv4Net, SubnetInfo>,
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
+    pub backends: BTreeMap<u32, BackendInfo>,
+    pub maglev: BTreeMap<u32, Vec<u32>>,
+    pub services: BTreeMap<SvcKey, SvcInfo>,
+    pub vips: BTreeMap<[u8; 4], VipInfo>,
+    /// Conntrack entries as (flow, backend id).
+    pub conntrack: BTreeMap<CtKey, u32>,
     pub links: BTreeSet<String>,
+    /// Every write, in order, for tests of make-before-break.
+    pub log: Vec<String>,
 }
 
 impl Dataplane for MemDataplane {
@@ -709,6 +943,35 @@ impl Dataplane for MemDataplane {
     }
     fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
         sync(&mut self.endpoints, desired, names::MAP_ENDPOINTS)
+    }
+    fn sync_backends(
+        &mut self,
+        desired: &BTreeMap<u32, BackendInfo>,
+        prune: bool,
+    ) -> Result<Drift> {
+        let d = sync_with(&mut self.backends, desired, names::MAP_BACKENDS, prune)?;
+        self.log.push(format!("backends prune={prune} {d:?}"));
+        Ok(d)
+    }
+    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>) -> Result<Drift> {
+        let mut cache = self.maglev.clone();
+        let d = sync_maglev_rows(&mut cache, desired, |_| Ok(0), |_, _| Ok(()))?;
+        self.maglev = cache;
+        self.log.push(format!("maglev {d:?}"));
+        Ok(d)
+    }
+    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift> {
+        let d = sync(&mut self.services, desired, names::MAP_SERVICES)?;
+        self.log.push(format!("services {d:?}"));
+        Ok(d)
+    }
+    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>) -> Result<Drift> {
+        sync(&mut self.vips, desired, names::MAP_VIPS)
+    }
+    fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64> {
+        let before = self.conntrack.len();
+        self.conntrack.retain(|_, b| live.contains(b));
+        Ok((before - self.conntrack.len()) as u64)
     }
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {
         let d = Drift {

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod datapath;
 pub mod ipam;
+pub mod maglev;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;

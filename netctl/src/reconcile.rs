@@ -9,11 +9,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
-use netctl_common::{EndpointInfo, EndpointKey, IfaceInfo, NET_F_INTERNAL, SubnetInfo};
+use netctl_common::{
+    BackendInfo, EndpointInfo, EndpointKey, IfaceInfo, MAGLEV_M, MAX_SERVICES, NET_F_INTERNAL,
+    SubnetInfo, SvcInfo, SvcKey, VipInfo,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{DatapathError, Dataplane, Drift};
-use crate::model::{Network, State, parse_mac};
+use crate::model::{Network, ServiceMode, State, parse_mac};
 
 /// What the maps and links must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,6 +26,11 @@ pub struct Desired {
     pub endpoints: BTreeMap<EndpointKey, EndpointInfo>,
     /// Host-side veths that must carry the endpoint programs.
     pub links: BTreeSet<String>,
+    pub vips: BTreeMap<[u8; 4], VipInfo>,
+    pub services: BTreeMap<SvcKey, SvcInfo>,
+    pub backends: BTreeMap<u32, BackendInfo>,
+    /// Maglev rows by service id.
+    pub maglev: BTreeMap<u32, Vec<u32>>,
 }
 
 /// Drift repaired by one reconciliation, by kind of object.
@@ -90,6 +98,72 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
             d.links.insert(ep.host_ifname.clone());
         }
     }
+    for sv in state.services.values() {
+        let (ServiceMode::Vip, Some(vip), Some(net)) =
+            (sv.mode, sv.vip, state.networks.get(&sv.network))
+        else {
+            continue;
+        };
+        if sv.id == 0 || sv.id >= MAX_SERVICES {
+            tracing::warn!(service = %sv.name, id = sv.id, "service id beyond the table; not programmed");
+            continue;
+        }
+        let vip = vip.octets();
+        d.vips.insert(
+            vip,
+            VipInfo {
+                net_id: net.id,
+                flags: 0,
+            },
+        );
+        for b in &sv.backends {
+            let ep = state.endpoints.get(&b.endpoint);
+            let ifindex = ep
+                .and_then(|e| ifindex.get(&e.host_ifname))
+                .copied()
+                .unwrap_or(0);
+            let mac = ep
+                .and_then(|e| parse_mac(&e.mac))
+                .unwrap_or(crate::model::mac_for(b.ip));
+            d.backends.insert(
+                b.id,
+                BackendInfo {
+                    ip: b.ip.octets(),
+                    svc_id: sv.id,
+                    ifindex,
+                    mac,
+                    _pad: [0; 2],
+                },
+            );
+        }
+        let by_ip: BTreeMap<[u8; 4], u32> =
+            sv.backends.iter().map(|b| (b.ip.octets(), b.id)).collect();
+        let ips: Vec<[u8; 4]> = by_ip.keys().copied().collect();
+        let row: Vec<u32> = crate::maglev::table(&ips, MAGLEV_M)
+            .iter()
+            .map(|ip| by_ip[ip])
+            .collect();
+        if !row.is_empty() {
+            d.maglev.insert(sv.id, row);
+        }
+        for p in &sv.ports {
+            d.services.insert(
+                SvcKey {
+                    vip,
+                    port: p.port,
+                    proto: p.proto.number(),
+                    _pad: 0,
+                },
+                SvcInfo {
+                    svc_id: sv.id,
+                    target_port: p.target,
+                    backend_count: u16::try_from(sv.backends.len()).unwrap_or(u16::MAX),
+                    net_id: net.id,
+                    flags: 0,
+                },
+            );
+        }
+    }
     d
 }
 
@@ -97,10 +171,24 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
 /// first, then the per-interface entries, and only then the links that make the programs
 /// see traffic (a program must never run on a veth whose `IFACES` entry is missing: it would
 /// drop everything as `unknown_iface`).
+///
+/// Services likewise: a new backend exists before a table slot names it, the table is
+/// complete before the service entry points at it, and a removed backend leaves the table
+/// before it leaves `BACKENDS`; then no conntrack entry may still name it.
 pub fn apply(dp: &mut dyn Dataplane, d: &Desired) -> Result<(Drift, Drift), DatapathError> {
     let mut maps = dp.sync_subnets(&d.subnets)?;
     maps.add(dp.sync_endpoints(&d.endpoints)?);
     maps.add(dp.sync_ifaces(&d.ifaces)?);
+    maps.add(dp.sync_backends(&d.backends, false)?);
+    maps.add(dp.sync_maglev(&d.maglev)?);
+    maps.add(dp.sync_services(&d.services)?);
+    maps.add(dp.sync_vips(&d.vips)?);
+    let pruned = dp.sync_backends(&d.backends, true)?;
+    if pruned.removed > 0 {
+        let live: BTreeSet<u32> = d.backends.keys().copied().collect();
+        maps.removed += dp.purge_conntrack(&live)?;
+    }
+    maps.add(pruned);
     let links = dp.sync_endpoint_links(&d.links)?;
     Ok((maps, links))
 }

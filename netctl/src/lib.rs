@@ -15,6 +15,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod datapath;
+pub mod dns;
 pub mod ipam;
 pub mod maglev;
 pub mod model;

@@ -41,6 +41,8 @@ pub struct Options {
     pub ct_established: Duration,
     pub ct_closing: Duration,
     pub ct_udp: Duration,
+    /// Where names that no network knows are resolved (default: the host's resolv.conf).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -149,6 +151,8 @@ pub struct Agent {
     ifindex: BTreeMap<String, u32>,
     started: SystemTime,
     reconcile: ReconcileInfo,
+    /// The embedded DNS server of each network, by network name.
+    dns: BTreeMap<String, crate::dns::DnsServer>,
 }
 
 pub type Shared = Arc<Mutex<Agent>>;
@@ -260,6 +264,7 @@ impl Agent {
             ifindex: BTreeMap::new(),
             started: SystemTime::now(),
             reconcile: ReconcileInfo::default(),
+            dns: BTreeMap::new(),
         };
         agent.full_reconcile().await;
         Ok(Arc::new(Mutex::new(agent)))
@@ -355,6 +360,9 @@ impl Agent {
                 Err(e) => note(e.to_string()),
             }
         }
+        if let Err(e) = self.sync_dns().await {
+            note(e.to_string());
+        }
         self.reconcile.runs += 1;
         self.reconcile.drift_repaired += report.total();
         self.reconcile.last = report;
@@ -369,6 +377,99 @@ impl Agent {
     fn sync_maps(&mut self) -> Result<(crate::datapath::Drift, crate::datapath::Drift)> {
         let d = reconcile::desired(&self.state, &self.ifindex);
         Ok(reconcile::apply(&mut self.dp, &d)?)
+    }
+
+    /// What the DNS server of `network` answers: its sandboxes (names and aliases) and
+    /// services; names of other networks are NXDOMAIN there.
+    fn dns_records(&self, network: &str) -> crate::dns::Records {
+        use crate::model::ServiceMode;
+        let mut per_net: BTreeMap<&str, crate::dns::Records> = BTreeMap::new();
+        for ep in self.state.endpoints.values() {
+            let r = per_net.entry(&ep.network).or_default();
+            for name in std::iter::once(&ep.sandbox).chain(&ep.aliases) {
+                r.names.insert(name.to_lowercase(), vec![ep.ip]);
+            }
+        }
+        for sv in self.state.services.values() {
+            let r = per_net.entry(&sv.network).or_default();
+            let backends: Vec<std::net::Ipv4Addr> = sv.backends.iter().map(|b| b.ip).collect();
+            let name = sv.name.to_lowercase();
+            let tasks = format!("tasks.{name}");
+            // A service answers before a sandbox of the same name.
+            match (sv.mode, sv.vip) {
+                (ServiceMode::Vip, Some(vip)) => {
+                    r.names.insert(name, vec![vip]);
+                }
+                _ => {
+                    r.names.insert(name.clone(), backends.clone());
+                    r.rotate.insert(name);
+                }
+            }
+            r.names.insert(tasks.clone(), backends);
+            r.rotate.insert(tasks);
+        }
+        let mut mine = per_net.remove(network).unwrap_or_default();
+        for other in per_net.values() {
+            for name in other.names.keys() {
+                if !mine.names.contains_key(name) {
+                    mine.nxdomain.insert(name.clone());
+                }
+            }
+        }
+        mine
+    }
+
+    /// Starts, updates and stops the per-network DNS servers to match the state, and
+    /// writes each sandbox's resolv.conf.
+    async fn sync_dns(&mut self) -> Result<(), crate::dns::DnsError> {
+        let gone: Vec<String> = self
+            .dns
+            .keys()
+            .filter(|n| !self.state.networks.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            if let Some(srv) = self.dns.remove(&n) {
+                srv.stop().await;
+            }
+        }
+        let nets: Vec<Network> = self.state.networks.values().cloned().collect();
+        let mut first_err = None;
+        for n in nets {
+            let records = self.dns_records(&n.name);
+            match self.dns.get(&n.name) {
+                Some(srv) if srv.local_addr().ip() == std::net::IpAddr::V4(n.gateway) => {
+                    srv.update(records)
+                }
+                _ => {
+                    if let Some(old) = self.dns.remove(&n.name) {
+                        old.stop().await;
+                    }
+                    // An internal network resolves its own names only.
+                    let upstreams = if n.internal {
+                        Vec::new()
+                    } else {
+                        self.opts.dns_upstreams.clone()
+                    };
+                    let bind = std::net::SocketAddr::from((n.gateway, 53));
+                    match crate::dns::DnsServer::start(bind, n.subnet, upstreams, records).await {
+                        Ok(srv) => {
+                            self.dns.insert(n.name.clone(), srv);
+                        }
+                        Err(e) => {
+                            tracing::warn!(network = %n.name, "dns: {e}");
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+        }
+        for s in self.state.sandboxes.values() {
+            if let Err(e) = write_resolv_conf(&self.state, &s.name) {
+                tracing::warn!(sandbox = %s.name, "resolv.conf: {e}");
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn host_net(&self) -> Result<HostNet> {
@@ -515,6 +616,7 @@ impl Agent {
             Ok(())
         })
         .await?;
+        self.sync_dns_logged().await;
         tracing::info!(network = %req.name, "network created");
         self.inspect_network(&req.name)
     }
@@ -522,9 +624,13 @@ impl Agent {
     pub async fn remove_network(&mut self, name: &str) -> Result<()> {
         let changes = self.state.plan_remove_network(name)?;
         let bridge = self.state.networks[name].bridge.clone();
+        if let Some(srv) = self.dns.remove(name) {
+            srv.stop().await;
+        }
         self.nl.delete_link(&bridge).await?;
         self.commit(&changes)?;
         self.sync_maps()?;
+        self.sync_dns_logged().await;
         tracing::info!(network = %name, "network removed");
         Ok(())
     }
@@ -558,8 +664,10 @@ impl Agent {
             self.nl.delete_link(&ep.host_ifname).await?;
         }
         netlink::delete_netns(name).await?;
+        remove_resolv_conf(name);
         self.commit(&changes)?;
         self.sync_maps()?;
+        self.sync_dns_logged().await;
         tracing::info!(sandbox = %name, "sandbox removed");
         Ok(())
     }
@@ -606,6 +714,7 @@ impl Agent {
             Ok(())
         })
         .await?;
+        self.sync_dns_logged().await;
         tracing::info!(network = %ep.network, sandbox = %ep.sandbox, ip = %ep.ip, "connected");
         Ok(ep)
     }
@@ -622,6 +731,7 @@ impl Agent {
         }
         self.commit(&changes)?;
         self.sync_maps()?;
+        self.sync_dns_logged().await;
         tracing::info!(network, sandbox, "disconnected");
         Ok(())
     }
@@ -649,7 +759,17 @@ impl Agent {
             a.sync_maps()?;
             Ok(())
         })
-        .await
+        .await?;
+        self.sync_dns_logged().await;
+        Ok(())
+    }
+
+    /// DNS follows every change; a DNS failure is logged and shown in `status`, it does not
+    /// fail the change (the data plane is already programmed).
+    async fn sync_dns_logged(&mut self) {
+        if let Err(e) = self.sync_dns().await {
+            self.reconcile.last_error = Some(format!("dns: {e}"));
+        }
     }
 
     pub async fn add_service(
@@ -666,6 +786,7 @@ impl Agent {
         let changes = self.state.plan_remove_service(name)?;
         self.commit(&changes)?;
         self.sync_maps()?;
+        self.sync_dns_logged().await;
         tracing::info!(service = %name, "service removed");
         Ok(())
     }
@@ -681,6 +802,7 @@ impl Agent {
         let changes = self.state.plan_detach(service, target)?;
         self.commit(&changes)?;
         self.sync_maps()?;
+        self.sync_dns_logged().await;
         tracing::info!(service, target, "backend detached");
         self.inspect_service(service)
     }
@@ -741,13 +863,62 @@ impl Agent {
         for b in bridges {
             self.nl.delete_link(&b).await?;
         }
+        for (_, srv) in std::mem::take(&mut self.dns) {
+            srv.stop().await;
+        }
         let sandboxes: Vec<String> = self.state.sandboxes.keys().cloned().collect();
         for s in sandboxes {
             netlink::delete_netns(&s).await?;
+            remove_resolv_conf(&s);
         }
         Datapath::teardown(&self.opts.pin_dir)?;
         tracing::info!("removed everything netctl put in the kernel");
         Ok(())
+    }
+}
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` bind-mounts over
+/// /etc/resolv.conf (ip-netns(8)).
+fn resolv_conf_path(sandbox: &str) -> std::path::PathBuf {
+    std::path::Path::new("/etc/netns")
+        .join(sandbox)
+        .join("resolv.conf")
+}
+
+/// Points the sandbox's resolver at the DNS server of its first network (the one on eth0).
+fn write_resolv_conf(state: &State, sandbox: &str) -> std::io::Result<()> {
+    let mut eps = state.endpoints_of_sandbox(sandbox);
+    eps.sort_by_key(|e| {
+        e.ifname
+            .trim_start_matches("eth")
+            .parse::<u32>()
+            .unwrap_or(u32::MAX)
+    });
+    let Some(net) = eps.first().and_then(|e| state.networks.get(&e.network)) else {
+        remove_resolv_conf(sandbox);
+        return Ok(());
+    };
+    let want = format!(
+        "# written by netctl: the embedded DNS server of network {}\nnameserver {}\noptions ndots:0\n",
+        net.name, net.gateway
+    );
+    let path = resolv_conf_path(sandbox);
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, want)?;
+    std::fs::rename(tmp, path)
+}
+
+fn remove_resolv_conf(sandbox: &str) {
+    let path = resolv_conf_path(sandbox);
+    let _ = std::fs::remove_file(&path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

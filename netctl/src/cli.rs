@@ -130,6 +130,16 @@ pub struct UpArgs {
     /// How long an idle UDP flow is kept.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub ct_timeout_udp: Duration,
+    /// Upstream DNS server (IP or IP:PORT) for names netctl does not know; repeatable.
+    /// Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_parser = parse_upstream)]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+}
+
+fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+        .map_err(|_| format!("dns-upstream: invalid value {s:?}: expected IP or IP:PORT"))
 }
 
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
@@ -405,6 +415,11 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         ct_established: args.ct_timeout_established,
         ct_closing: args.ct_timeout_closing,
         ct_udp: args.ct_timeout_udp,
+        dns_upstreams: if args.dns_upstream.is_empty() {
+            crate::dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
+        } else {
+            args.dns_upstream
+        },
     };
     let agent = match crate::agent::Agent::start(opts.clone()).await {
         Ok(a) => a,

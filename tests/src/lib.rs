@@ -41,6 +41,8 @@ pub struct Host {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     uplink: bool,
+    /// Extra arguments of `netctl up`.
+    args: Vec<String>,
     agent: Option<Child>,
 }
 
@@ -53,20 +55,25 @@ impl Default for Host {
 impl Host {
     /// A new host namespace with a running agent.
     pub fn new() -> Host {
-        Self::build(false)
+        Self::build(false, &[])
+    }
+
+    /// A host whose agent gets these extra `netctl up` arguments.
+    pub fn with_args(args: &[&str]) -> Host {
+        Self::build(false, args)
     }
 
     /// A host whose agent runs with `--uplink <prefix>u0`, a veth whose peer `<prefix>u1`
     /// sits in a namespace `<prefix>peer` at 192.0.2.2/24 (the host side is 192.0.2.1/24).
     pub fn with_uplink() -> Host {
-        Self::build(true)
+        Self::build(true, &[])
     }
 
     pub fn uplink(&self) -> String {
         format!("{}u0", self.prefix)
     }
 
-    fn build(uplink: bool) -> Host {
+    fn build(uplink: bool, args: &[&str]) -> Host {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("t{}x{n}", std::process::id());
         let netns = format!("{prefix}h");
@@ -102,6 +109,7 @@ impl Host {
         }
         let mut h = Host {
             uplink,
+            args: args.iter().map(|a| a.to_string()).collect(),
             socket: dir.join("netctl.sock"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/netctl-test-{prefix}")),
             prefix,
@@ -140,6 +148,7 @@ impl Host {
             } else {
                 vec![]
             })
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -307,6 +316,14 @@ impl Drop for Host {
             }
         }
         remove_tree(&self.pin_dir);
+        // Resolver files of this test's sandboxes (`ip netns exec` reads /etc/netns/NAME).
+        if let Ok(rd) = std::fs::read_dir("/etc/netns") {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "agent log of {}:\n{}",

@@ -259,41 +259,38 @@ impl Datapath {
             .collect()
     }
 
-    /// Adopts the pinned object under `pin_dir`, or loads and pins it if there is none
-    /// (with a conntrack table of `ct_size` entries; an adopted table keeps its size).
+    /// Loads the embedded object against the maps pinned under `pin_dir` (creating and
+    /// pinning those that are missing, so flows, conntrack and counters survive a restart
+    /// or an upgrade), and pins its programs: a pinned program with the same tag (the hash
+    /// of its instructions) is kept, a different one is replaced, and links attached to it
+    /// are moved to the new program atomically by the next link sync (`bpf_link_update`).
+    /// The conntrack table is created with `ct_size` entries; a pinned one keeps its size.
     pub fn open(pin_dir: &Path, ct_size: u32) -> Result<Self> {
-        let root = Self::root_for(pin_dir);
-        ensure_bpffs(pin_dir)?;
-        let pins = Self::all_pins(&root);
-        let adopted = pins.iter().all(|p| p.exists());
-        if !adopted {
-            // A partial set of pins means an earlier first start died half-way; no link can
-            // refer to it yet (links are made after all pins), so start over.
-            for p in pins.iter().filter(|p| p.exists()) {
-                std::fs::remove_file(p).map_err(io_err(p))?;
-            }
-            Self::install(&root, ct_size)?;
-        }
-        let mut dp = Self::adopt(&root)?;
-        dp.adopted = adopted;
-        Ok(dp)
-    }
-
-    /// Loads the embedded object and pins its maps and programs under `root`.
-    fn install(root: &Path, ct_size: u32) -> Result<()> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
+        let root = Self::root_for(pin_dir);
+        ensure_bpffs(pin_dir)?;
         for sub in ["maps", "progs", "links"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(io_err(&d))?;
         }
-        let mut ebpf: Ebpf = EbpfLoader::new()
-            .map_max_entries(names::MAP_CONNTRACK, ct_size)
+        let adopted = Self::all_pins(&root).iter().all(|p| p.exists());
+        let map_pins: Vec<(&str, PathBuf)> = names::MAPS
+            .iter()
+            .map(|n| (*n, Self::map_pin(&root, n)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::MAP_CONNTRACK, ct_size);
+        for (name, path) in &map_pins {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf: Ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let mut replaced = Vec::new();
         for name in names::PROGRAMS {
-            let path = Self::prog_pin(root, name);
+            let path = Self::prog_pin(&root, name);
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| DatapathError::Pin {
@@ -304,24 +301,28 @@ impl Datapath {
                 .map_err(prog_err(format!("program {name}")))?;
             prog.load()
                 .map_err(prog_err(format!("load program {name}")))?;
+            let tag = prog.info().map_err(prog_err("read program info"))?.tag();
+            if path.exists() {
+                match aya::programs::ProgramInfo::from_pin(&path) {
+                    Ok(old) if old.tag() == tag => continue,
+                    _ => {
+                        std::fs::remove_file(&path).map_err(io_err(&path))?;
+                        replaced.push(name);
+                    }
+                }
+            }
             prog.pin(&path).map_err(|e| DatapathError::Pin {
                 path: path.clone(),
                 detail: chain(&e),
             })?;
         }
-        for name in names::MAPS {
-            let path = Self::map_pin(root, name);
-            let map = ebpf.map(name).ok_or_else(|| DatapathError::Pin {
-                path: path.clone(),
-                detail: format!("map {name} missing from the object"),
-            })?;
-            map.pin(&path).map_err(|e| DatapathError::Pin {
-                path: path.clone(),
-                detail: chain(&e),
-            })?;
+        if !replaced.is_empty() {
+            tracing::info!(programs = ?replaced, "replaced pinned programs with this binary's");
         }
-        tracing::info!(root = %root.display(), "loaded and pinned the eBPF object");
-        Ok(())
+        tracing::info!(root = %root.display(), adopted, "eBPF object loaded against the pinned maps");
+        let mut dp = Self::adopt(&root)?;
+        dp.adopted = adopted;
+        Ok(dp)
     }
 
     fn open_map(root: &Path, name: &str) -> Result<Map> {
@@ -390,11 +391,37 @@ impl Datapath {
     ) -> Result<bool> {
         let prog_id = prog.info().map_err(prog_err("read program info"))?.id();
         if pin.exists() {
-            let attached = SchedClassifier::query_tcx(ifname, attach_type)
-                .map(|(_, progs)| progs.iter().any(|p| p.id() == prog_id))
-                .unwrap_or(false);
-            if attached {
+            let attached: Vec<u32> = SchedClassifier::query_tcx(ifname, attach_type)
+                .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+                .unwrap_or_default();
+            if attached.contains(&prog_id) {
                 return Ok(false);
+            }
+            // The link still runs an older program of ours on this interface: move it to
+            // this one atomically (bpf_link_update), with no moment without a program.
+            let link_prog = PinnedLink::from_pin(pin)
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok())
+                .map(|i| i.program_id());
+            if link_prog.is_some_and(|id| attached.contains(&id)) {
+                let link =
+                    FdLink::from(PinnedLink::from_pin(pin).map_err(|e| DatapathError::Pin {
+                        path: pin.to_owned(),
+                        detail: chain(&e),
+                    })?);
+                let link = aya::programs::tc::SchedClassifierLink::try_from(link).map_err(|e| {
+                    DatapathError::Pin {
+                        path: pin.to_owned(),
+                        detail: chain(&e),
+                    }
+                })?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(prog_err(format!("replace the program on {ifname}")))?;
+                // The pin keeps the link; drop our handle.
+                drop(prog.take_link(id));
+                tracing::info!(ifname, "moved link to the new program");
+                return Ok(true);
             }
             tracing::warn!(pin = %pin.display(), ifname, "stale link pin; re-attaching");
             std::fs::remove_file(pin).map_err(io_err(pin))?;

@@ -473,3 +473,95 @@ pub fn repaired(report: &Value) -> u64 {
         .flat_map(|k| ["added", "updated", "removed"].map(|f| report[k][f].as_u64().unwrap()))
         .sum()
 }
+
+/// A TCP stream of known bytes from one sandbox to another, checked byte for byte on
+/// arrival, for tests that must show traffic is not interrupted.
+pub struct Stream {
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: std::thread::JoinHandle<Result<u64, String>>,
+    client: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Stream {
+    /// Starts a server on `server_ip:port` in `server` and a client in `client` writing 16 KiB
+    /// every 2 ms.
+    pub fn start(client: &str, server: &str, server_ip: Ipv4Addr, port: u16) -> Stream {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = listen(server, port);
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let received = received.clone();
+            std::thread::spawn(move || -> Result<u64, String> {
+                let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut at: u64 = 0;
+                loop {
+                    let r = s
+                        .read(&mut buf)
+                        .map_err(|e| format!("read after {at} bytes: {e}"))?;
+                    if r == 0 {
+                        return Ok(at);
+                    }
+                    for &byte in &buf[..r] {
+                        if byte != (at % 251) as u8 {
+                            return Err(format!("corrupt byte at offset {at}"));
+                        }
+                        at += 1;
+                    }
+                    received.store(at, Ordering::SeqCst);
+                }
+            })
+        };
+        let mut conn = dial(client, server_ip, port).expect("connect");
+        let client = {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut sent: u64 = 0;
+                let mut chunk = vec![0u8; 16 * 1024];
+                while !stop.load(Ordering::SeqCst) {
+                    for (i, b) in chunk.iter_mut().enumerate() {
+                        *b = ((sent + i as u64) % 251) as u8;
+                    }
+                    conn.write_all(&chunk)
+                        .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+                    sent += chunk.len() as u64;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                conn.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| e.to_string())?;
+                Ok(sent)
+            })
+        };
+        Stream {
+            received,
+            stop,
+            server,
+            client,
+        }
+    }
+
+    /// Waits until another MiB has arrived (at most 20 s; a stall fails the test).
+    pub fn wait_progress(&self) {
+        use std::sync::atomic::Ordering;
+        let from = self.received.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.received.load(Ordering::SeqCst) < from + 1024 * 1024 {
+            assert!(
+                Instant::now() < deadline,
+                "the stream stalled at {from} bytes"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the client and checks that every byte sent arrived, in order, with no reset.
+    pub fn finish(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = self.client.join().unwrap().expect("client");
+        let got = self.server.join().unwrap().expect("server");
+        assert_eq!(got, sent, "every byte sent arrived, in order");
+    }
+}

@@ -2,13 +2,13 @@
 //! programs and traffic. Needs root.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use netctl_tests::{Host, dial, exec, in_netns, listen, payload, ping, repaired, run_ok, transfer};
+use netctl_tests::{
+    Host, Stream, dial, exec, in_netns, listen, payload, ping, repaired, run_ok, transfer,
+};
 
 #[test]
 fn two_sandboxes_talk_and_other_networks_are_isolated() {
@@ -226,60 +226,8 @@ fn sigkill_of_the_agent_does_not_interrupt_a_tcp_stream() {
     let ip_b = h.connect(&n, &b);
 
     // A stream of known bytes from a to b, checked byte for byte on arrival.
-    let listener = listen(&b, 6000);
-    let received = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let received = received.clone();
-        std::thread::spawn(move || -> Result<u64, String> {
-            let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut at: u64 = 0;
-            loop {
-                let r = s
-                    .read(&mut buf)
-                    .map_err(|e| format!("read after {at} bytes: {e}"))?;
-                if r == 0 {
-                    return Ok(at);
-                }
-                for &byte in &buf[..r] {
-                    if byte != (at % 251) as u8 {
-                        return Err(format!("corrupt byte at offset {at}"));
-                    }
-                    at += 1;
-                }
-                received.store(at, Ordering::SeqCst);
-            }
-        })
-    };
-    let mut conn = dial(&a, ip_b, 6000).expect("connect");
-    let client = {
-        let stop = stop.clone();
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut sent: u64 = 0;
-            let mut chunk = vec![0u8; 16 * 1024];
-            while !stop.load(Ordering::SeqCst) {
-                for (i, b) in chunk.iter_mut().enumerate() {
-                    *b = ((sent + i as u64) % 251) as u8;
-                }
-                conn.write_all(&chunk)
-                    .map_err(|e| format!("write after {sent} bytes: {e}"))?;
-                sent += chunk.len() as u64;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            conn.shutdown(std::net::Shutdown::Write)
-                .map_err(|e| e.to_string())?;
-            Ok(sent)
-        })
-    };
-    let wait_progress = |from: u64| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while received.load(Ordering::SeqCst) < from + 1024 * 1024 {
-            assert!(Instant::now() < deadline, "the stream stalled at {from}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_progress(0);
+    let stream = Stream::start(&a, &b, ip_b, 6000);
+    stream.wait_progress();
 
     let before = serde_json::json!({
         "networks": h.json(&["network", "ls"]),
@@ -289,18 +237,15 @@ fn sigkill_of_the_agent_does_not_interrupt_a_tcp_stream() {
 
     h.kill_agent();
     // No agent at all: the pinned programs keep forwarding.
-    wait_progress(received.load(Ordering::SeqCst));
+    stream.wait_progress();
     assert!(
         h.netctl(&["status"]).status.code() != Some(0),
         "the agent is really gone"
     );
 
     h.start_agent();
-    wait_progress(received.load(Ordering::SeqCst));
-    stop.store(true, Ordering::SeqCst);
-    let sent = client.join().unwrap().expect("client");
-    let got = server.join().unwrap().expect("server");
-    assert_eq!(got, sent, "every byte sent arrived, in order");
+    stream.wait_progress();
+    stream.finish();
 
     let after = serde_json::json!({
         "networks": h.json(&["network", "ls"]),
@@ -499,7 +444,8 @@ fn removing_things_removes_them_from_the_kernel() {
     assert!(!links().contains(&bridge), "the bridge is gone");
     let st = h.json(&["status"]);
     for m in st["maps"].as_array().unwrap() {
-        if m["name"] != "COUNTERS" {
+        // Arrays always hold all their slots; every hash, LPM and LRU map is empty.
+        if !m["kind"].as_str().unwrap().ends_with("array") {
             assert_eq!(m["entries"], 0, "{m}");
         }
     }
@@ -596,4 +542,100 @@ fn uplink_program_bpftool_and_down() {
     let ip_b = h.connect(&n, &b);
     assert!(ping(&b, ip_a), "a is back, with its address");
     assert!(ping(&a, ip_b));
+}
+
+#[test]
+fn a_new_binary_replaces_pinned_programs_without_interrupting_traffic() {
+    let mut h = Host::new();
+    let n = h.name("n");
+    h.ok(&["network", "create", &n, "--subnet", "10.77.0.0/24"]);
+    let (a, b) = (h.sandbox("a"), h.sandbox("b"));
+    h.connect(&n, &a);
+    let ip_b = h.connect(&n, &b);
+    let stream = Stream::start(&a, &b, ip_b, 6001);
+    stream.wait_progress();
+
+    // Stand-in for an upgrade: while no agent runs, the pinned from_endpoint is a program
+    // that is not this binary's (another of ours, with another tag). The links keep running
+    // the program they were attached to.
+    h.kill_agent();
+    let progs = h.pin_dir.join("v1/progs");
+    let pinned = progs.join("from_endpoint");
+    let prog_id = |path: &std::path::Path| -> u64 {
+        let out = run_ok(
+            "bpftool",
+            &["-j", "prog", "show", "pinned", path.to_str().unwrap()],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let old_id = prog_id(&pinned);
+    std::fs::remove_file(&pinned).unwrap();
+    run_ok(
+        "bpftool",
+        &[
+            "prog",
+            "pin",
+            "pinned",
+            progs.join("uplink_ingress").to_str().unwrap(),
+            pinned.to_str().unwrap(),
+        ],
+    );
+    stream.wait_progress();
+
+    // The new agent pins this binary's program and moves every ingress link to it.
+    h.start_agent();
+    stream.wait_progress();
+    let new_id = prog_id(&pinned);
+    assert_ne!(new_id, old_id, "a freshly loaded program");
+    let links = h.pin_dir.join("v1/links");
+    for e in std::fs::read_dir(&links).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let out = run_ok(
+            "bpftool",
+            &["-j", "link", "show", "pinned", e.path().to_str().unwrap()],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if name.ends_with("_in") {
+            assert_eq!(v["prog_id"].as_u64(), Some(new_id), "{name}: {out}");
+        }
+    }
+    let st = h.json(&["status"]);
+    assert_eq!(st["reconcile"]["last"]["links"]["updated"], 2, "{st}");
+    stream.finish();
+    // And the new program does its job.
+    let before = h.drops("spoofed_ip");
+    run_ok(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &a,
+            "ip",
+            "addr",
+            "add",
+            "10.77.0.99/32",
+            "dev",
+            "eth0",
+        ],
+    );
+    assert!(
+        !exec(
+            &a,
+            &[
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-I",
+                "10.77.0.99",
+                &ip_b.to_string()
+            ]
+        )
+        .status
+        .success()
+    );
+    assert!(h.drops("spoofed_ip") > before);
 }

@@ -283,7 +283,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::MAP_CONNTRACK, ct_size);
         for (name, path) in &map_pins {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf: Ebpf = loader
             .load(OBJECT)

@@ -7,12 +7,14 @@
 //! (different n) never share a name. Dropping the host stops its agent and removes every
 //! namespace, pin and file it made, also when the test failed.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -563,5 +565,100 @@ impl Stream {
         let sent = self.client.join().unwrap().expect("client");
         let got = self.server.join().unwrap().expect("server");
         assert_eq!(got, sent, "every byte sent arrived, in order");
+    }
+
+/// A server thread (and the threads it spawned) running until it is dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP server in `sandbox` on `port` that greets each connection with one line
+/// `NAME PEER LOCAL` (its own name, the peer address and its local address as it sees them),
+/// then answers each line `L` it receives with `NAME L`, until the peer closes or the server
+/// is dropped.
+pub fn name_server_tcp(sandbox: &str, port: u16, name: &str) -> Server {
+    let l = listen(sandbox, port);
+    l.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, name) = (stop.clone(), name.to_owned());
+    let thread = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while !st.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((s, peer)) => {
+                    let (st, name) = (st.clone(), name.clone());
+                    conns.push(std::thread::spawn(move || serve_name(s, peer, &name, &st)));
+                    conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    });
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+fn serve_name(s: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let local = s.local_addr().unwrap();
+    let mut w = s.try_clone().unwrap();
+    if writeln!(w, "{name} {peer} {local}").is_err() {
+        return;
+    }
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writeln!(w, "{name} {}", line.trim_end()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A UDP server in `sandbox` on `port` that answers each datagram `D` with `NAME PEER D`
+/// (its own name and the sender's address as it sees it), until it is dropped.
+pub fn name_server_udp(sandbox: &str, port: u16, name: &str) -> Server {
+    let sock = in_netns(sandbox, move || {
+        UdpSocket::bind(("0.0.0.0", port)).expect("bind UDP in sandbox")
+    });
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, name) = (stop.clone(), name.to_owned());
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !st.load(Ordering::SeqCst) {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                let msg = format!("{name} {peer} {}", String::from_utf8_lossy(&buf[..n]));
+                let _ = sock.send_to(msg.as_bytes(), peer);
+            }
+        }
+    });
+    Server {
+        stop,
+        thread: Some(thread),
     }
 }

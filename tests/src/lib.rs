@@ -566,6 +566,7 @@ impl Stream {
         let got = self.server.join().unwrap().expect("server");
         assert_eq!(got, sent, "every byte sent arrived, in order");
     }
+}
 
 /// A server thread (and the threads it spawned) running until it is dropped.
 pub struct Server {

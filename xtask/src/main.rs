@@ -28,6 +28,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "util-linux",     // nsenter, setsid
     "procps",         // ps, pkill in tests
     "ethtool",        // offload settings on veths
+    "iptables",       // the tests check netctl made no rules; the bench's peer
+    "nftables",       // likewise (`nft list ruleset`); the bench's other peer
 ];
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 /// The eBPF crate's binary target; netctl/build.rs expects this name.

@@ -60,18 +60,25 @@ pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
     Some(e)
 }
 
+/// The entry for `key`, live or not.
+#[inline(always)]
+pub fn get(key: &CtKey) -> Option<*mut CtEntry> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
 #[inline(always)]
 pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
     CONNTRACK.insert(key, entry, 0).map_err(|e| e as i32)
 }
 
 /// The state after a TCP segment with `flags` (either direction). SYN-only opens; any later
-/// segment without SYN establishes; FIN or RST closes (short timeout).
+/// segment without SYN establishes (an ACK: the SYN-ACK does not, so a handshake the client
+/// never completes keeps the short SYN timeout); FIN or RST closes (short timeout).
 #[inline(always)]
 pub fn next_tcp_state(state: u8, flags: u8) -> u8 {
     if flags & (TCP_FIN | TCP_RST) != 0 {
         CT_CLOSING
-    } else if state == CT_SYN_SENT && flags & TCP_ACK != 0 {
+    } else if state == CT_SYN_SENT && flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         CT_ESTABLISHED
     } else {
         state

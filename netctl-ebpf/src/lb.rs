@@ -150,7 +150,7 @@ pub fn from_endpoint(
 ) -> Option<Result<Action, DropReason>> {
     let now = conntrack::now();
     // A hairpin reply: the backend answering itself through the VIP.
-    if let Some(rep) = conntrack::lookup(&f.key(CT_DIR_REPLY), now) {
+    if let Some(rep) = lookup_reply(&f.key(CT_DIR_REPLY), now) {
         // SAFETY: pointer from the map lookup.
         let rep = unsafe { &mut *rep };
         if rep.flags & CT_F_HAIRPIN != 0 {
@@ -321,6 +321,29 @@ fn fwd_of_reply(rep: &CtEntry, f: &Flow) -> CtKey {
     }
 }
 
+/// A live reply entry for `key`. The flow's state and timeout are in its forward entry
+/// (every packet of the flow, either way, refreshes it); a reply entry keeps the state it
+/// was created with, so it is live while its forward entry is, whatever its own state and
+/// age say (else an established flow whose backend was quiet for the SYN timeout would lose
+/// its reverse NAT).
+#[inline(always)]
+fn lookup_reply(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
+    let rep = conntrack::get(key)?;
+    // SAFETY: pointer from the map lookup.
+    let (orig, nat_ip, nat_port) = unsafe { ((*rep).orig, (*rep).nat_ip, (*rep).nat_port) };
+    let fwd = CtKey {
+        src: orig,
+        dst: nat_ip,
+        sport: key.dport,
+        dport: nat_port,
+        proto: key.proto,
+        dir: CT_DIR_FWD,
+        _pad: [0; 2],
+    };
+    conntrack::lookup(&fwd, now)?;
+    Some(rep)
+}
+
 #[inline(always)]
 fn hairpin_reply(
     ctx: &TcContext,
@@ -347,7 +370,7 @@ fn hairpin_reply(
 #[inline(always)]
 pub fn reverse_nat(ctx: &TcContext, f: &Flow) -> Result<(), DropReason> {
     let now = conntrack::now();
-    let Some(rep) = conntrack::lookup(&f.key(CT_DIR_REPLY), now) else {
+    let Some(rep) = lookup_reply(&f.key(CT_DIR_REPLY), now) else {
         return Ok(());
     };
     // SAFETY: pointer from the map lookup.
@@ -419,7 +442,7 @@ pub fn icmp_reverse_nat(
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let Some(rep) = conntrack::lookup(&key, conntrack::now()) else {
+    let Some(rep) = lookup_reply(&key, conntrack::now()) else {
         return Ok(());
     };
     // SAFETY: the value is copied out.

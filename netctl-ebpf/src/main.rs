@@ -116,18 +116,16 @@ fn try_from_endpoint(ctx: &TcContext) -> Result<Action, DropReason> {
             if ip.src != ep.ip {
                 return Err(DropReason::SpoofedIp);
             }
-            if let Some(f) = flow(ctx, ip)? {
-                if let Some(r) = lb::from_endpoint(ctx, &ep, ifindex, &f) {
-                    return r;
-                }
-            }
+            // Service traffic and hairpin replies are all addressed to a VIP: one lookup
+            // keeps every other packet off the load balancer's path.
             if lb::is_vip(ip.dst) {
-                // A VIP, but not a port and protocol of its service (or a fragment).
-                return Err(if ip.is_fragment() {
-                    DropReason::Fragment
-                } else {
-                    DropReason::NoService
-                });
+                return match flow(ctx, ip)? {
+                    Some(f) => lb::from_endpoint(ctx, &ep, ifindex, &f)
+                        .unwrap_or(Err(DropReason::NoService)),
+                    // Ports are only in the first fragment; anything but TCP and UDP has none.
+                    None if ip.is_fragment() => Err(DropReason::Fragment),
+                    None => Err(DropReason::NoService),
+                };
             }
             policy::check_peer(&ep, ip.dst).map(|()| Action::Pass)
         }

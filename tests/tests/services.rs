@@ -363,7 +363,39 @@ fn long_lived_connections_keep_their_backend_across_attach_and_detach() {
     check_all(&mut conns, "after-attach", None);
 
     let victim = names[0].clone();
+    let inspect = h.json(&["service", "inspect", &s.svc]);
+    let victim_id = inspect[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["sandbox"] == victim.as_str())
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let ct_backends = || -> Vec<u64> {
+        let pin = h.pin_dir.join("v1/maps/CONNTRACK");
+        let out = netctl_tests::run_ok(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", pin.to_str().unwrap()],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["formatted"]["value"]["backend_id"].as_u64().unwrap())
+            .collect()
+    };
+    assert!(
+        ct_backends().contains(&victim_id),
+        "the victim's flows are tracked"
+    );
     h.ok(&["service", "detach", &s.svc, &victim]);
+    // The detach itself purges every conntrack entry naming the removed backend
+    // (cilium#32472: stale entries black-holing flows).
+    assert!(
+        !ct_backends().contains(&victim_id),
+        "no conntrack entry names the detached backend {victim_id}"
+    );
     check_all(&mut conns, "after-detach", Some(&victim));
 
     // The victim's connections end: an error or EOF on the next exchange; never an answer.

@@ -214,6 +214,17 @@ fn tcp_connections_spread_evenly_over_three_backends() {
         counts
     });
     assert_even("TCP connections", &counts, &s.names(), 600);
+    // Each flow left a forward and a reply entry (closing, kept 10 s): status shows the
+    // conntrack table filling.
+    let st = h.json(&["status"]);
+    let ct = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "CONNTRACK")
+        .unwrap();
+    assert!(ct["entries"].as_u64().unwrap() >= 600, "{ct}");
+    assert_eq!(ct["max_entries"], 262_144, "{ct}");
 }
 
 #[test]

@@ -185,23 +185,57 @@ pub struct Stats {
 /// The reconciler's view of the data plane: whole-map syncs that add what is missing, fix
 /// what differs and remove what is not desired, and link attachment by interface name.
 pub trait Dataplane {
-    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift>;
-    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift>;
-    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift>;
-    /// With `prune` false, only adds and updates (so a backend exists before any table
-    /// slot names it, and stays until none does).
-    fn sync_backends(&mut self, desired: &BTreeMap<u32, BackendInfo>, prune: bool)
-    -> Result<Drift>;
-    /// Rows of the Maglev table by service id (each `MAGLEV_M` backend ids); rows of
-    /// services not named are cleared.
-    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>) -> Result<Drift>;
-    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift>;
-    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>) -> Result<Drift>;
+    /// The keyed configuration maps, for the whole-map syncs below.
+    fn config_maps(&mut self) -> ConfigMaps<'_>;
+    /// Rows of the Maglev table by service id (each `MAGLEV_M` backend ids); with `prune`,
+    /// rows of services not named are cleared too.
+    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift>;
     /// Deletes conntrack entries whose backend is not in `live`; returns how many.
     fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64>;
     /// Attaches both endpoint programs to each named host-side veth and detaches them from
     /// every veth not named.
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift>;
+
+    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
+        sync(self.config_maps().ifaces, desired, names::MAP_IFACES)
+    }
+    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
+        sync(self.config_maps().subnets, desired, names::MAP_SUBNETS)
+    }
+    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
+        sync(self.config_maps().endpoints, desired, names::MAP_ENDPOINTS)
+    }
+    /// With `prune` false, only adds and updates (so a backend exists before any table
+    /// slot names it, and stays until none does).
+    fn sync_backends(
+        &mut self,
+        desired: &BTreeMap<u32, BackendInfo>,
+        prune: bool,
+    ) -> Result<Drift> {
+        sync_with(
+            self.config_maps().backends,
+            desired,
+            names::MAP_BACKENDS,
+            prune,
+        )
+    }
+    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift> {
+        sync(self.config_maps().services, desired, names::MAP_SERVICES)
+    }
+    /// With `prune` false, only adds and updates.
+    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>, prune: bool) -> Result<Drift> {
+        sync_with(self.config_maps().vips, desired, names::MAP_VIPS, prune)
+    }
+}
+
+/// The keyed maps userspace configures, borrowed for a sync.
+pub struct ConfigMaps<'a> {
+    pub ifaces: &'a mut dyn KeyedMap<u32, IfaceInfo>,
+    pub subnets: &'a mut dyn KeyedMap<Ipv4Net, SubnetInfo>,
+    pub endpoints: &'a mut dyn KeyedMap<EndpointKey, EndpointInfo>,
+    pub backends: &'a mut dyn KeyedMap<u32, BackendInfo>,
+    pub services: &'a mut dyn KeyedMap<SvcKey, SvcInfo>,
+    pub vips: &'a mut dyn KeyedMap<[u8; 4], VipInfo>,
 }
 
 /// The loaded (or adopted) object: program and map handles, and the pin root.
@@ -705,7 +739,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 
 /// A map the reconciler reads whole and writes entry by entry: the pinned maps, and plain
 /// `BTreeMap`s in the in-memory data plane.
-trait KeyedMap<K, V> {
+pub trait KeyedMap<K, V> {
     fn entries(&self) -> BTreeMap<K, V>;
     fn put(&mut self, k: &K, v: &V) -> Result<(), aya::maps::MapError>;
     fn del(&mut self, k: &K) -> Result<(), aya::maps::MapError>;
@@ -755,7 +789,7 @@ impl<K: Ord + Copy, V: Copy> KeyedMap<K, V> for BTreeMap<K, V> {
 /// Makes `map` hold exactly `desired`: adds and updates first, removals last (make before
 /// break), touching only the entries that differ.
 fn sync<K: Ord + Copy, V: PartialEq + Copy>(
-    map: &mut impl KeyedMap<K, V>,
+    map: &mut (impl KeyedMap<K, V> + ?Sized),
     desired: &BTreeMap<K, V>,
     name: &str,
 ) -> Result<Drift> {
@@ -763,7 +797,7 @@ fn sync<K: Ord + Copy, V: PartialEq + Copy>(
 }
 
 fn sync_with<K: Ord + Copy, V: PartialEq + Copy>(
-    map: &mut impl KeyedMap<K, V>,
+    map: &mut (impl KeyedMap<K, V> + ?Sized),
     desired: &BTreeMap<K, V>,
     name: &str,
     prune: bool,
@@ -787,11 +821,12 @@ fn sync_with<K: Ord + Copy, V: PartialEq + Copy>(
     Ok(d)
 }
 
-/// Writes the Maglev rows that differ from `cache` (filled from the map on first use) and
-/// clears rows no longer desired.
+/// Writes the Maglev rows that differ from `cache` (filled from the map on first use) and,
+/// with `prune`, clears rows no longer desired.
 fn sync_maglev_rows(
     cache: &mut BTreeMap<u32, Vec<u32>>,
     desired: &BTreeMap<u32, Vec<u32>>,
+    prune: bool,
     mut read: impl FnMut(u32) -> Result<u32>,
     mut write: impl FnMut(u32, u32) -> Result<()>,
 ) -> Result<Drift> {
@@ -800,7 +835,7 @@ fn sync_maglev_rows(
     let empty = vec![0u32; m];
     let stale: Vec<u32> = cache
         .keys()
-        .filter(|id| !desired.contains_key(id))
+        .filter(|id| prune && !desired.contains_key(id))
         .copied()
         .collect();
     for (id, row) in desired
@@ -853,32 +888,24 @@ fn net_of_key(k: &Key<[u8; 4]>) -> Option<Ipv4Net> {
 }
 
 impl Dataplane for Datapath {
-    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
-        sync(&mut self.ifaces, desired, names::MAP_IFACES)
+    fn config_maps(&mut self) -> ConfigMaps<'_> {
+        ConfigMaps {
+            ifaces: &mut self.ifaces,
+            subnets: &mut self.subnets,
+            endpoints: &mut self.endpoints,
+            backends: &mut self.backends,
+            services: &mut self.services,
+            vips: &mut self.vips,
+        }
     }
 
-    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
-        sync(&mut self.subnets, desired, names::MAP_SUBNETS)
-    }
-
-    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
-        sync(&mut self.endpoints, desired, names::MAP_ENDPOINTS)
-    }
-
-    fn sync_backends(
-        &mut self,
-        desired: &BTreeMap<u32, BackendInfo>,
-        prune: bool,
-    ) -> Result<Drift> {
-        sync_with(&mut self.backends, desired, names::MAP_BACKENDS, prune)
-    }
-
-    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>) -> Result<Drift> {
+    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift> {
         let map = &mut self.maglev;
         let cell = std::cell::RefCell::new(map);
         sync_maglev_rows(
             &mut self.maglev_rows,
             desired,
+            prune,
             |i| {
                 cell.borrow()
                     .get(&i, 0)
@@ -890,14 +917,6 @@ impl Dataplane for Datapath {
                     .map_err(map_err(format!("write {}", names::MAP_MAGLEV)))
             },
         )
-    }
-
-    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift> {
-        sync(&mut self.services, desired, names::MAP_SERVICES)
-    }
-
-    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>) -> Result<Drift> {
-        sync(&mut self.vips, desired, names::MAP_VIPS)
     }
 
     fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64> {
@@ -957,43 +976,24 @@ pub struct MemDataplane {
     /// Conntrack entries as (flow, backend id).
     pub conntrack: BTreeMap<CtKey, u32>,
     pub links: BTreeSet<String>,
-    /// Every write, in order, for tests of make-before-break.
-    pub log: Vec<String>,
 }
 
 impl Dataplane for MemDataplane {
-    fn sync_ifaces(&mut self, desired: &BTreeMap<u32, IfaceInfo>) -> Result<Drift> {
-        sync(&mut self.ifaces, desired, names::MAP_IFACES)
+    fn config_maps(&mut self) -> ConfigMaps<'_> {
+        ConfigMaps {
+            ifaces: &mut self.ifaces,
+            subnets: &mut self.subnets,
+            endpoints: &mut self.endpoints,
+            backends: &mut self.backends,
+            services: &mut self.services,
+            vips: &mut self.vips,
+        }
     }
-    fn sync_subnets(&mut self, desired: &BTreeMap<Ipv4Net, SubnetInfo>) -> Result<Drift> {
-        sync(&mut self.subnets, desired, names::MAP_SUBNETS)
-    }
-    fn sync_endpoints(&mut self, desired: &BTreeMap<EndpointKey, EndpointInfo>) -> Result<Drift> {
-        sync(&mut self.endpoints, desired, names::MAP_ENDPOINTS)
-    }
-    fn sync_backends(
-        &mut self,
-        desired: &BTreeMap<u32, BackendInfo>,
-        prune: bool,
-    ) -> Result<Drift> {
-        let d = sync_with(&mut self.backends, desired, names::MAP_BACKENDS, prune)?;
-        self.log.push(format!("backends prune={prune} {d:?}"));
-        Ok(d)
-    }
-    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>) -> Result<Drift> {
+    fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift> {
         let mut cache = self.maglev.clone();
-        let d = sync_maglev_rows(&mut cache, desired, |_| Ok(0), |_, _| Ok(()))?;
+        let d = sync_maglev_rows(&mut cache, desired, prune, |_| Ok(0), |_, _| Ok(()))?;
         self.maglev = cache;
-        self.log.push(format!("maglev {d:?}"));
         Ok(d)
-    }
-    fn sync_services(&mut self, desired: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift> {
-        let d = sync(&mut self.services, desired, names::MAP_SERVICES)?;
-        self.log.push(format!("services {d:?}"));
-        Ok(d)
-    }
-    fn sync_vips(&mut self, desired: &BTreeMap<[u8; 4], VipInfo>) -> Result<Drift> {
-        sync(&mut self.vips, desired, names::MAP_VIPS)
     }
     fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64> {
         let before = self.conntrack.len();

@@ -172,17 +172,20 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
 /// see traffic (a program must never run on a veth whose `IFACES` entry is missing: it would
 /// drop everything as `unknown_iface`).
 ///
-/// Services likewise: a new backend exists before a table slot names it, the table is
-/// complete before the service entry points at it, and a removed backend leaves the table
-/// before it leaves `BACKENDS`; then no conntrack entry may still name it.
+/// Services likewise: a new backend exists before a table slot names it, a row is filled
+/// before a service entry points at it and cleared only after none does, a VIP answers ARP
+/// before its service entries exist, and a removed backend leaves the table before it
+/// leaves `BACKENDS`; then no conntrack entry may still name it.
 pub fn apply(dp: &mut dyn Dataplane, d: &Desired) -> Result<(Drift, Drift), DatapathError> {
     let mut maps = dp.sync_subnets(&d.subnets)?;
     maps.add(dp.sync_endpoints(&d.endpoints)?);
     maps.add(dp.sync_ifaces(&d.ifaces)?);
     maps.add(dp.sync_backends(&d.backends, false)?);
-    maps.add(dp.sync_maglev(&d.maglev)?);
+    maps.add(dp.sync_maglev(&d.maglev, false)?);
+    maps.add(dp.sync_vips(&d.vips, false)?);
     maps.add(dp.sync_services(&d.services)?);
-    maps.add(dp.sync_vips(&d.vips)?);
+    maps.add(dp.sync_maglev(&d.maglev, true)?);
+    maps.add(dp.sync_vips(&d.vips, true)?);
     let pruned = dp.sync_backends(&d.backends, true)?;
     if pruned.removed > 0 {
         let live: BTreeSet<u32> = d.backends.keys().copied().collect();
@@ -198,6 +201,7 @@ mod tests {
     use super::*;
     use crate::datapath::MemDataplane;
     use crate::model::{Endpoint, Network, Sandbox, format_mac, mac_for};
+    use netctl_common::{BackendInfo, SvcInfo, SvcKey};
     use std::net::Ipv4Addr;
 
     fn net(name: &str, id: u32, subnet: &str, internal: bool) -> Network {
@@ -289,6 +293,173 @@ mod tests {
         assert!(!d.ifaces.contains_key(&12));
         assert!(!d.links.contains("nce2"));
         assert_eq!(d.ifaces.len(), 2);
+    }
+
+    /// The in-memory data plane, checking after every step of `apply` what the programs
+    /// could see at that moment: every backend a table slot names exists, and every
+    /// service entry with backends points at a filled row.
+    #[derive(Default)]
+    struct Checked {
+        inner: MemDataplane,
+        violations: Vec<String>,
+    }
+
+    impl Checked {
+        fn check(&mut self, step: &str) {
+            let d = &self.inner;
+            for (svc, row) in &d.maglev {
+                for id in row.iter().filter(|id| **id != 0) {
+                    if !d.backends.contains_key(id) {
+                        self.violations.push(format!(
+                            "after {step}: row {svc} names missing backend {id}"
+                        ));
+                    }
+                }
+            }
+            for (k, v) in &d.services {
+                if v.backend_count > 0 && !d.maglev.contains_key(&v.svc_id) {
+                    self.violations
+                        .push(format!("after {step}: {k:?} points at an empty row"));
+                }
+                if !d.vips.contains_key(&k.vip) {
+                    self.violations
+                        .push(format!("after {step}: {k:?} has no VIPS entry"));
+                }
+            }
+        }
+    }
+
+    impl Dataplane for Checked {
+        fn config_maps(&mut self) -> crate::datapath::ConfigMaps<'_> {
+            self.inner.config_maps()
+        }
+        fn sync_maglev(
+            &mut self,
+            d: &BTreeMap<u32, Vec<u32>>,
+            prune: bool,
+        ) -> Result<Drift, DatapathError> {
+            let r = self.inner.sync_maglev(d, prune);
+            self.check(if prune { "maglev (prune)" } else { "maglev" });
+            r
+        }
+        fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64, DatapathError> {
+            self.inner.purge_conntrack(live)
+        }
+        fn sync_endpoint_links(&mut self, d: &BTreeSet<String>) -> Result<Drift, DatapathError> {
+            self.inner.sync_endpoint_links(d)
+        }
+        fn sync_backends(
+            &mut self,
+            d: &BTreeMap<u32, BackendInfo>,
+            prune: bool,
+        ) -> Result<Drift, DatapathError> {
+            let r = self.inner.sync_backends(d, prune);
+            self.check(if prune {
+                "backends (prune)"
+            } else {
+                "backends"
+            });
+            r
+        }
+        fn sync_services(&mut self, d: &BTreeMap<SvcKey, SvcInfo>) -> Result<Drift, DatapathError> {
+            let r = self.inner.sync_services(d);
+            self.check("services");
+            r
+        }
+        fn sync_vips(
+            &mut self,
+            d: &BTreeMap<[u8; 4], netctl_common::VipInfo>,
+            prune: bool,
+        ) -> Result<Drift, DatapathError> {
+            let r = self.inner.sync_vips(d, prune);
+            self.check(if prune { "vips (prune)" } else { "vips" });
+            r
+        }
+    }
+
+    fn with_service(mut s: State, backends: &[(u32, &str)]) -> State {
+        use crate::model::{Backend, PortSpec, Proto, Service};
+        let svc = Service {
+            id: 1,
+            name: "web".into(),
+            network: "a".into(),
+            mode: ServiceMode::Vip,
+            vip: Some(Ipv4Addr::new(10, 1, 0, 100)),
+            ports: vec![PortSpec {
+                port: 80,
+                target: 8080,
+                proto: Proto::Tcp,
+            }],
+            backends: backends
+                .iter()
+                .map(|(id, ep)| Backend {
+                    id: *id,
+                    endpoint: ep.to_string(),
+                    sandbox: s.endpoints[*ep].sandbox.clone(),
+                    ip: s.endpoints[*ep].ip,
+                })
+                .collect(),
+            created: String::new(),
+        };
+        s.services.insert("web".into(), svc);
+        s
+    }
+
+    #[test]
+    fn backend_changes_are_make_before_break() {
+        let mut dp = Checked::default();
+        let mut s = state();
+        s.endpoints
+            .insert("e4".into(), ep("e4", "a", "z", Ipv4Addr::new(10, 1, 0, 4)));
+        let idx = {
+            let mut i = ifindex();
+            i.insert("nce4".into(), 14);
+            i
+        };
+        let steps: Vec<Vec<(u32, &str)>> = vec![
+            vec![(1, "e1"), (2, "e2")],
+            vec![(1, "e1"), (2, "e2"), (3, "e4")], // attach
+            vec![(1, "e1"), (3, "e4")],            // detach
+            vec![],                                // detach the rest
+            vec![(4, "e2")],                       // and back
+        ];
+        let mut before: BTreeSet<u32> = BTreeSet::new();
+        for backends in steps {
+            let st = with_service(s.clone(), &backends);
+            // A flow on every backend live before the step.
+            dp.inner.conntrack.clear();
+            for &id in &before {
+                let key = netctl_common::CtKey {
+                    src: [10, 1, 0, 9],
+                    dst: [10, 1, 0, 100],
+                    sport: id as u16,
+                    dport: 80,
+                    proto: 6,
+                    dir: 0,
+                    _pad: [0; 2],
+                };
+                dp.inner.conntrack.insert(key, id);
+            }
+            apply(&mut dp, &desired(&st, &idx)).unwrap();
+            let live: BTreeSet<u32> = backends.iter().map(|(id, _)| *id).collect();
+            assert_eq!(
+                dp.inner.backends.keys().copied().collect::<BTreeSet<_>>(),
+                live
+            );
+            // Flows of removed backends are gone; flows of staying ones are untouched.
+            let flows: BTreeSet<u32> = dp.inner.conntrack.values().copied().collect();
+            assert_eq!(flows, &before & &live, "conntrack after the step");
+            before = live;
+            let svc = dp.inner.services.values().next().unwrap();
+            assert_eq!(usize::from(svc.backend_count), backends.len());
+            s = st;
+        }
+        // Remove the service: its entries, then its row and VIP, then its backends.
+        s.services.clear();
+        apply(&mut dp, &desired(&s, &idx)).unwrap();
+        assert!(dp.inner.services.is_empty() && dp.inner.vips.is_empty());
+        assert!(dp.inner.maglev.is_empty() && dp.inner.backends.is_empty());
+        assert!(dp.violations.is_empty(), "{:#?}", dp.violations);
     }
 
     #[test]

@@ -1,0 +1,4 @@
+//! `netctl-bench`: runs the benchmark suites (see BENCHMARKS.md) and the load generator.
+mod sample;
+
+fn main() {}

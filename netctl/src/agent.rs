@@ -153,6 +153,8 @@ pub struct Agent {
     reconcile: ReconcileInfo,
     /// The embedded DNS server of each network, by network name.
     dns: BTreeMap<String, crate::dns::DnsServer>,
+    /// Records changed since the DNS servers were last updated (see `spawn_dns_updater`).
+    dns_dirty: bool,
 }
 
 pub type Shared = Arc<Mutex<Agent>>;
@@ -265,6 +267,7 @@ impl Agent {
             started: SystemTime::now(),
             reconcile: ReconcileInfo::default(),
             dns: BTreeMap::new(),
+            dns_dirty: false,
         };
         agent.full_reconcile().await;
         Ok(Arc::new(Mutex::new(agent)))
@@ -752,16 +755,51 @@ impl Agent {
             })?)
     }
 
-    /// Commits a service change and programs the maps (make-before-break inside
-    /// `reconcile::apply`); a failure to program reverts the commit.
+    /// Commits a change of services and programs only their map entries
+    /// (`reconcile::apply_delta`, make-before-break), so that its cost is that of the
+    /// services changed, not of every service. A failure to program puts store and maps
+    /// back as they were. DNS follows within `DNS_DELAY`.
     async fn service_change(&mut self, changes: Vec<Change>) -> Result<()> {
-        self.create_with(changes, async |a: &mut Agent| {
-            a.sync_maps()?;
-            Ok(())
-        })
-        .await?;
-        self.sync_dns_logged().await;
+        let names: Vec<String> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::PutService(s) => Some(s.name.clone()),
+                Change::DeleteService(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let old = reconcile::desired_services(&self.state, &refs, &self.ifindex);
+        let undo = self.inverse(&changes);
+        self.commit(&changes)?;
+        let new = reconcile::desired_services(&self.state, &refs, &self.ifindex);
+        if let Err(e) = reconcile::apply_delta(&mut self.dp, &old, &new) {
+            tracing::warn!("reverting: {e}");
+            if let Err(e2) = self.commit(&undo) {
+                tracing::error!("revert failed: {e2}");
+            }
+            let _ = reconcile::apply_delta(&mut self.dp, &new, &old);
+            return Err(e.into());
+        }
+        self.dns_dirty = true;
         Ok(())
+    }
+
+    /// `POST /v1/services/batch`: adds services with their backends, all or nothing, in one
+    /// store transaction and one programming pass.
+    pub async fn add_services(&mut self, reqs: Vec<crate::model::BatchService>) -> Result<usize> {
+        let changes = self.state.plan_add_services(&reqs, &now_rfc3339())?;
+        let n = changes.len();
+        self.service_change(changes).await?;
+        tracing::info!(services = n, "services added in a batch");
+        Ok(n)
+    }
+
+    /// Updates the DNS servers if records changed since the last update.
+    pub async fn refresh_dns(&mut self) {
+        if std::mem::take(&mut self.dns_dirty) {
+            self.sync_dns_logged().await;
+        }
     }
 
     /// DNS follows every change; a DNS failure is logged and shown in `status`, it does not
@@ -784,9 +822,7 @@ impl Agent {
 
     pub async fn remove_service(&mut self, name: &str) -> Result<()> {
         let changes = self.state.plan_remove_service(name)?;
-        self.commit(&changes)?;
-        self.sync_maps()?;
-        self.sync_dns_logged().await;
+        self.service_change(changes).await?;
         tracing::info!(service = %name, "service removed");
         Ok(())
     }
@@ -800,9 +836,7 @@ impl Agent {
 
     pub async fn detach(&mut self, service: &str, target: &str) -> Result<crate::model::Service> {
         let changes = self.state.plan_detach(service, target)?;
-        self.commit(&changes)?;
-        self.sync_maps()?;
-        self.sync_dns_logged().await;
+        self.service_change(changes).await?;
         tracing::info!(service, target, "backend detached");
         self.inspect_service(service)
     }
@@ -920,6 +954,21 @@ fn remove_resolv_conf(sandbox: &str) {
     if let Some(dir) = path.parent() {
         let _ = std::fs::remove_dir(dir);
     }
+}
+
+/// How far behind a service change the DNS answers may be.
+pub const DNS_DELAY: Duration = Duration::from_millis(200);
+
+/// Brings DNS up to date after service changes, off the request path: at 100k services a
+/// record rebuild costs more than the change itself.
+pub fn spawn_dns_updater(agent: Shared) {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(DNS_DELAY);
+        loop {
+            t.tick().await;
+            agent.lock().await.refresh_dns().await;
+        }
+    });
 }
 
 /// Runs the periodic resync until the process ends.

@@ -92,6 +92,7 @@ pub fn router(agent: Shared, shutdown: watch::Sender<bool>) -> Router {
             get(inspect_sandbox).delete(remove_sandbox),
         )
         .route("/v1/services", get(list_services).post(add_service))
+        .route("/v1/services/batch", post(add_services))
         .route(
             "/v1/services/{name}",
             get(inspect_service).delete(remove_service),
@@ -102,6 +103,8 @@ pub fn router(agent: Shared, shutdown: watch::Sender<bool>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/reconcile", post(reconcile))
         .route("/v1/down", post(down))
+        // A batch of 100k services is ~15 MB of JSON; the socket is root-only.
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
         .fallback(|| async {
             ApiError(StatusCode::NOT_FOUND, "no such API path".into()).into_response()
         })
@@ -209,6 +212,20 @@ async fn add_service(
     Json(req): Json<crate::model::AddService>,
 ) -> ApiResult<crate::model::Service> {
     Ok(Json(c.agent.lock().await.add_service(req).await?))
+}
+
+/// `POST /v1/services/batch`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchBody {
+    pub services: Vec<crate::model::BatchService>,
+}
+
+async fn add_services(
+    State(c): State<Ctx>,
+    Json(b): Json<BatchBody>,
+) -> ApiResult<serde_json::Value> {
+    let n = c.agent.lock().await.add_services(b.services).await?;
+    Ok(Json(serde_json::json!({ "added": n })))
 }
 
 async fn inspect_service(

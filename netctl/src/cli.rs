@@ -429,6 +429,7 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         }
     };
     crate::agent::spawn_resync(agent.clone(), opts.resync);
+    crate::agent::spawn_dns_updater(agent.clone());
     tracing::info!(socket = %socket.display(), "serving the API");
     crate::api::serve(agent, listener, &socket)
         .await

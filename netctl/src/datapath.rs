@@ -190,8 +190,8 @@ pub trait Dataplane {
     /// Rows of the Maglev table by service id (each `MAGLEV_M` backend ids); with `prune`,
     /// rows of services not named are cleared too.
     fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift>;
-    /// Deletes conntrack entries whose backend is not in `live`; returns how many.
-    fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64>;
+    /// Deletes the conntrack entries that name a backend in `gone`; returns how many.
+    fn purge_conntrack(&mut self, gone: &BTreeSet<u32>) -> Result<u64>;
     /// Attaches both endpoint programs to each named host-side veth and detaches them from
     /// every veth not named.
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift>;
@@ -786,6 +786,46 @@ impl<K: Ord + Copy, V: Copy> KeyedMap<K, V> for BTreeMap<K, V> {
     }
 }
 
+/// Which half of a diff to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Entries new or changed in `new`.
+    Put,
+    /// Entries of `old` absent from `new`.
+    Delete,
+}
+
+/// Writes one half of the difference between two partial views of a map (the entries of
+/// the objects that changed), without reading the map.
+pub fn write_diff<K: Ord + Copy, V: PartialEq + Copy>(
+    map: &mut dyn KeyedMap<K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    phase: Phase,
+    name: &str,
+) -> Result<Drift> {
+    let mut d = Drift::default();
+    match phase {
+        Phase::Put => {
+            for (k, v) in new {
+                match old.get(k) {
+                    Some(o) if o == v => continue,
+                    Some(_) => d.updated += 1,
+                    None => d.added += 1,
+                }
+                map.put(k, v).map_err(map_err(format!("write {name}")))?;
+            }
+        }
+        Phase::Delete => {
+            for k in old.keys().filter(|k| !new.contains_key(k)) {
+                map.del(k).map_err(map_err(format!("delete from {name}")))?;
+                d.removed += 1;
+            }
+        }
+    }
+    Ok(d)
+}
+
 /// Makes `map` hold exactly `desired`: adds and updates first, removals last (make before
 /// break), touching only the entries that differ.
 fn sync<K: Ord + Copy, V: PartialEq + Copy>(
@@ -919,12 +959,12 @@ impl Dataplane for Datapath {
         )
     }
 
-    fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64> {
+    fn purge_conntrack(&mut self, gone: &BTreeSet<u32>) -> Result<u64> {
         let stale: Vec<CtKey> = self
             .conntrack
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(_, e)| !live.contains(&e.backend_id))
+            .filter(|(_, e)| gone.contains(&e.backend_id))
             .map(|(k, _)| k)
             .collect();
         let mut n = 0;
@@ -995,9 +1035,9 @@ impl Dataplane for MemDataplane {
         self.maglev = cache;
         Ok(d)
     }
-    fn purge_conntrack(&mut self, live: &BTreeSet<u32>) -> Result<u64> {
+    fn purge_conntrack(&mut self, gone: &BTreeSet<u32>) -> Result<u64> {
         let before = self.conntrack.len();
-        self.conntrack.retain(|_, b| live.contains(b));
+        self.conntrack.retain(|_, b| !gone.contains(b));
         Ok((before - self.conntrack.len()) as u64)
     }
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift> {

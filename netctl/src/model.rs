@@ -170,6 +170,105 @@ pub struct AddService {
     pub vip: Option<String>,
 }
 
+/// One service of a batch (`POST /v1/services/batch`): `service add` plus the sandboxes to
+/// attach as backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchService {
+    #[serde(flatten)]
+    pub service: AddService,
+    #[serde(default)]
+    pub backends: Vec<String>,
+}
+
+/// Who holds an address of a network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AddrUse {
+    /// The gateway or an aux address.
+    Reserved,
+    /// An endpoint of this sandbox.
+    Endpoint(String),
+    /// The VIP of this service.
+    Vip(String),
+}
+
+/// Lookups planning needs, built once per operation (or once per batch) so that a check or
+/// an allocation is a set lookup, not a scan of every endpoint and service.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    used: BTreeMap<String, BTreeMap<Ipv4Addr, AddrUse>>,
+    service_ids: BTreeSet<u32>,
+    backend_ids: BTreeSet<u32>,
+    /// Where the next search for a free id or address may start (everything below is
+    /// taken); only moves up as long as nothing is freed, which holds within one batch.
+    next_service_id: u32,
+    next_backend_id: u32,
+    next_addr: BTreeMap<String, Ipv4Addr>,
+}
+
+impl Index {
+    pub fn new(state: &State) -> Index {
+        let mut idx = Index {
+            next_service_id: 1,
+            next_backend_id: 1,
+            ..Default::default()
+        };
+        for n in state.networks.values() {
+            let used = idx.used.entry(n.name.clone()).or_default();
+            used.insert(n.gateway, AddrUse::Reserved);
+            for a in n.aux_addresses.values() {
+                used.insert(*a, AddrUse::Reserved);
+            }
+        }
+        for e in state.endpoints.values() {
+            idx.used
+                .entry(e.network.clone())
+                .or_default()
+                .insert(e.ip, AddrUse::Endpoint(e.sandbox.clone()));
+        }
+        for sv in state.services.values() {
+            idx.add_service(sv);
+        }
+        idx
+    }
+
+    fn add_service(&mut self, sv: &Service) {
+        self.service_ids.insert(sv.id);
+        if let Some(vip) = sv.vip {
+            self.used
+                .entry(sv.network.clone())
+                .or_default()
+                .insert(vip, AddrUse::Vip(sv.name.clone()));
+        }
+        self.backend_ids.extend(sv.backends.iter().map(|b| b.id));
+    }
+
+    /// The lowest id >= 1 not in `set`, starting the search at `*hint`.
+    fn take_id(set: &mut BTreeSet<u32>, hint: &mut u32) -> u32 {
+        let mut cand = (*hint).max(1);
+        for &u in set.range(cand..) {
+            if u > cand {
+                break;
+            }
+            cand += 1;
+        }
+        set.insert(cand);
+        *hint = cand + 1;
+        cand
+    }
+
+    fn take_service_id(&mut self) -> u32 {
+        Self::take_id(&mut self.service_ids, &mut self.next_service_id)
+    }
+
+    fn take_backend_id(&mut self) -> u32 {
+        Self::take_id(&mut self.backend_ids, &mut self.next_backend_id)
+    }
+
+    fn use_of(&self, network: &str, ip: Ipv4Addr) -> Option<&AddrUse> {
+        self.used.get(network)?.get(&ip)
+    }
+}
+
 /// `netctl network create` as the API receives it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateNetwork {
@@ -389,6 +488,19 @@ fn proto_name(p: Proto) -> &'static str {
         Proto::Tcp => "tcp",
         Proto::Udp => "udp",
     }
+}
+
+fn not_on_network(target: &str, network: &str, service: &str) -> ModelError {
+    ModelError::Conflict(format!(
+        "sandbox {target:?} is not connected to network {network:?} (the network of \
+         service {service:?}); connect it first (netctl network connect {network} {target})"
+    ))
+}
+
+fn already_backend(target: &str, service: &str) -> ModelError {
+    ModelError::Conflict(format!(
+        "sandbox {target:?} is already a backend of service {service:?}"
+    ))
 }
 
 /// Parses `PORT[:TARGET][/tcp|/udp]` (field "port"): both ports 1..=65535, TARGET defaults
@@ -785,21 +897,6 @@ impl State {
             .collect()
     }
 
-    /// Addresses of `net` that must not be allocated: gateway, aux addresses, endpoints and
-    /// service VIPs.
-    fn used_addresses(&self, net: &Network) -> BTreeSet<Ipv4Addr> {
-        let mut used: BTreeSet<Ipv4Addr> = net.aux_addresses.values().copied().collect();
-        used.insert(net.gateway);
-        used.extend(
-            self.endpoints
-                .values()
-                .filter(|e| e.network == net.name)
-                .map(|e| e.ip),
-        );
-        used.extend(self.vips_of_network(&net.name).map(|(_, vip)| vip));
-        used
-    }
-
     /// (service, VIP) of the services on `network` that have a VIP.
     fn vips_of_network<'a>(
         &'a self,
@@ -814,25 +911,69 @@ impl State {
     /// The lowest free address of `net`'s allocation range (ip-range or subnet), as for an
     /// endpoint or a VIP.
     fn allocate_address(&self, net: &Network) -> Result<Ipv4Addr, ModelError> {
-        let used = self.used_addresses(net);
-        ipam::alloc_bounds(net.subnet, net.ip_range)
-            .and_then(|(lo, hi)| ipam::lowest_free(lo, hi, &used))
-            .ok_or_else(|| {
-                let pool = match net.ip_range {
-                    Some(r) => format!("{r} (ip-range of {})", net.subnet),
-                    None => net.subnet.to_string(),
-                };
-                ModelError::Conflict(format!(
-                    "network {:?}: no free address left in {pool}",
-                    net.name
-                ))
-            })
+        self.allocate_address_in(net, &mut Index::new(self), None)
+    }
+
+    /// Allocates from `idx` (and records the use), so that a batch allocates without
+    /// rescanning.
+    fn allocate_address_in(
+        &self,
+        net: &Network,
+        idx: &mut Index,
+        owner: Option<AddrUse>,
+    ) -> Result<Ipv4Addr, ModelError> {
+        let empty = BTreeMap::new();
+        let used = idx.used.get(&net.name).unwrap_or(&empty);
+        let hint = idx.next_addr.get(&net.name).copied();
+        let found = ipam::alloc_bounds(net.subnet, net.ip_range).and_then(|(lo, hi)| {
+            let mut cand = u32::from(hint.map_or(lo, |h| h.max(lo)));
+            for u in used
+                .range(Ipv4Addr::from(cand)..=hi)
+                .map(|(a, _)| u32::from(*a))
+            {
+                if u > cand {
+                    break;
+                }
+                cand += 1;
+            }
+            (cand <= u32::from(hi)).then(|| Ipv4Addr::from(cand))
+        });
+        if let (Some(ip), Some(owner)) = (found, owner) {
+            idx.used
+                .entry(net.name.clone())
+                .or_default()
+                .insert(ip, owner);
+            idx.next_addr
+                .insert(net.name.clone(), Ipv4Addr::from(u32::from(ip) + 1));
+        }
+        found.ok_or_else(|| {
+            let pool = match net.ip_range {
+                Some(r) => format!("{r} (ip-range of {})", net.subnet),
+                None => net.subnet.to_string(),
+            };
+            ModelError::Conflict(format!(
+                "network {:?}: no free address left in {pool}",
+                net.name
+            ))
+        })
     }
 
     /// Checks a static address (`--ip` of connect, `--vip` of service add) for `net`: a host
     /// address of the subnet that is neither the gateway, nor an aux address, nor used by an
     /// endpoint or a service VIP. Errors are `Invalid` for `field`.
     fn check_static_addr(
+        &self,
+        field: &'static str,
+        s: &str,
+        net: &Network,
+    ) -> Result<Ipv4Addr, ModelError> {
+        let ip = self.check_host_part(field, s, net)?;
+        self.check_addr_free_in(field, s, ip, net, &Index::new(self))
+    }
+
+    /// A static address that parses, is a host address of the subnet, and is neither the
+    /// gateway nor an aux address.
+    fn check_host_part(
         &self,
         field: &'static str,
         s: &str,
@@ -854,31 +995,37 @@ impl State {
                 format!("is reserved as aux address {k:?} of network {:?}", net.name),
             ));
         }
-        if let Some(e) = self
-            .endpoints
-            .values()
-            .find(|e| e.network == net.name && e.ip == ip)
-        {
-            return Err(invalid(
+        Ok(ip)
+    }
+
+    /// The part of `check_static_addr` that asks who else holds the address.
+    fn check_addr_free_in(
+        &self,
+        field: &'static str,
+        s: &str,
+        ip: Ipv4Addr,
+        net: &Network,
+        idx: &Index,
+    ) -> Result<Ipv4Addr, ModelError> {
+        match idx.use_of(&net.name, ip) {
+            Some(AddrUse::Endpoint(sandbox)) => Err(invalid(
                 field,
                 s,
                 format!(
                     "already in use on network {:?} by sandbox {:?}",
-                    net.name, e.sandbox
+                    net.name, sandbox
                 ),
-            ));
-        }
-        if let Some((sv, _)) = self.vips_of_network(&net.name).find(|(_, v)| *v == ip) {
-            return Err(invalid(
+            )),
+            Some(AddrUse::Vip(service)) => Err(invalid(
                 field,
                 s,
                 format!(
                     "already in use on network {:?} as the VIP of service {:?}",
-                    net.name, sv.name
+                    net.name, service
                 ),
-            ));
+            )),
+            _ => Ok(ip),
         }
-        Ok(ip)
     }
 
     /// Plans `netctl network connect`.
@@ -1055,6 +1202,63 @@ impl State {
     /// to it and their aliases, so it may not be one of them. In mode vip the VIP is taken
     /// from the network's IPAM like an endpoint address unless `--vip` gives it.
     pub fn plan_add_service(&self, req: &AddService, now: &str) -> Result<Vec<Change>, ModelError> {
+        let sv = self.plan_add_service_in(req, now, &mut Index::new(self))?;
+        Ok(vec![Change::PutService(sv)])
+    }
+
+    /// Plans a batch: each service as `service add` would, then its backends as `service
+    /// attach` would, all or nothing. The index is built once, so a batch of N services costs
+    /// O(N log N), not O(N^2).
+    pub fn plan_add_services(
+        &self,
+        reqs: &[BatchService],
+        now: &str,
+    ) -> Result<Vec<Change>, ModelError> {
+        let mut idx = Index::new(self);
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        let by_net_sandbox: BTreeMap<(&str, &str), &Endpoint> = self
+            .endpoints
+            .values()
+            .map(|e| ((e.network.as_str(), e.sandbox.as_str()), e))
+            .collect();
+        let mut out = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            if !seen.insert(r.service.name.as_str()) {
+                return Err(ModelError::Exists {
+                    kind: "service",
+                    name: r.service.name.clone(),
+                });
+            }
+            let mut sv = self.plan_add_service_in(&r.service, now, &mut idx)?;
+            for target in &r.backends {
+                if !self.sandboxes.contains_key(target) {
+                    return Err(not_found("sandbox", target));
+                }
+                let ep = by_net_sandbox
+                    .get(&(sv.network.as_str(), target.as_str()))
+                    .ok_or_else(|| not_on_network(target, &sv.network, &sv.name))?;
+                if sv.backends.iter().any(|b| b.endpoint == ep.id) {
+                    return Err(already_backend(target, &sv.name));
+                }
+                sv.backends.push(Backend {
+                    id: idx.take_backend_id(),
+                    endpoint: ep.id.clone(),
+                    sandbox: target.clone(),
+                    ip: ep.ip,
+                });
+            }
+            out.push(Change::PutService(sv));
+        }
+        Ok(out)
+    }
+
+    /// `plan_add_service` against an index, which records what it allocates.
+    fn plan_add_service_in(
+        &self,
+        req: &AddService,
+        now: &str,
+        idx: &mut Index,
+    ) -> Result<Service, ModelError> {
         validate_name("name", &req.name)?;
         if self.services.contains_key(&req.name) {
             return Err(ModelError::Exists {
@@ -1122,16 +1326,22 @@ impl State {
                 ));
             }
             (ServiceMode::Dnsrr, None) => None,
-            (ServiceMode::Vip, Some(s)) => Some(self.check_static_addr("vip", s, net)?),
-            (ServiceMode::Vip, None) => Some(self.allocate_address(net)?),
+            (ServiceMode::Vip, Some(s)) => {
+                let ip = self.check_host_part("vip", s, net)?;
+                let ip = self.check_addr_free_in("vip", s, ip, net, idx)?;
+                idx.used
+                    .entry(net.name.clone())
+                    .or_default()
+                    .insert(ip, AddrUse::Vip(req.name.clone()));
+                Some(ip)
+            }
+            (ServiceMode::Vip, None) => {
+                Some(self.allocate_address_in(net, idx, Some(AddrUse::Vip(req.name.clone())))?)
+            }
         };
 
-        let id = (1u32..)
-            .find(|i| !self.services.values().any(|sv| sv.id == *i))
-            .expect("fewer than 2^32 services");
-
-        Ok(vec![Change::PutService(Service {
-            id,
+        Ok(Service {
+            id: idx.take_service_id(),
             name: req.name.clone(),
             network: net.name.clone(),
             mode,
@@ -1139,7 +1349,7 @@ impl State {
             ports,
             backends: Vec::new(),
             created: now.to_string(),
-        })])
+        })
     }
 
     /// Plans `netctl service rm`.
@@ -1165,30 +1375,24 @@ impl State {
             .endpoints
             .values()
             .find(|e| e.network == sv.network && e.sandbox == target)
-            .ok_or_else(|| {
-                ModelError::Conflict(format!(
-                    "sandbox {target:?} is not connected to network {:?} (the network of \
-                     service {service:?}); connect it first (netctl network connect {} {target})",
-                    sv.network, sv.network
-                ))
-            })?;
+            .ok_or_else(|| not_on_network(target, &sv.network, service))?;
         if sv
             .backends
             .iter()
             .any(|b| b.sandbox == target || b.endpoint == ep.id)
         {
-            return Err(ModelError::Conflict(format!(
-                "sandbox {target:?} is already a backend of service {service:?}"
-            )));
+            return Err(already_backend(target, service));
         }
-        let taken: BTreeSet<u32> = self
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
-        let id = (1u32..)
-            .find(|i| !taken.contains(i))
-            .expect("fewer than 2^32 backends");
+        let mut idx = Index {
+            backend_ids: self
+                .services
+                .values()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect(),
+            next_backend_id: 1,
+            ..Default::default()
+        };
+        let id = idx.take_backend_id();
         let mut sv = sv.clone();
         sv.backends.push(Backend {
             id,
@@ -1971,6 +2175,81 @@ mod tests {
         let _ = st.plan_remove_sandbox("s").unwrap();
         let _ = st.plan_remove_network("n").unwrap_err();
         assert_eq!(st, before);
+    }
+
+    // ---- services in a batch ----
+
+    #[test]
+    fn a_batch_is_planned_like_single_adds_all_or_nothing() {
+        let mut st = State::default();
+        create_net(&mut st, &req("n", Some("10.8.0.0/16")));
+        for sb in ["b1", "b2", "b3"] {
+            create_sb(&mut st, sb);
+            let c = st
+                .plan_connect(&Connect {
+                    network: "n".into(),
+                    sandbox: sb.into(),
+                    ..Default::default()
+                })
+                .unwrap();
+            st.apply(&c);
+        }
+        // A service that exists already shifts ids and VIPs: the batch must skip both.
+        add_svc(&mut st, &svc("old", "n", &["80"]));
+        let batch: Vec<BatchService> = (0..2000)
+            .map(|i| BatchService {
+                service: svc(&format!("s{i}"), "n", &["80", "53/udp"]),
+                backends: vec!["b1".into(), "b2".into(), "b3".into()],
+            })
+            .collect();
+        let changes = st.plan_add_services(&batch, NOW).unwrap();
+        assert_eq!(changes.len(), 2000);
+        let mut after = st.clone();
+        after.apply(&changes);
+        let vips: BTreeSet<Ipv4Addr> = after.services.values().filter_map(|s| s.vip).collect();
+        let ids: BTreeSet<u32> = after.services.values().map(|s| s.id).collect();
+        let bids: BTreeSet<u32> = after
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        assert_eq!((vips.len(), ids.len(), bids.len()), (2001, 2001, 6000));
+        let endpoint_ips: BTreeSet<Ipv4Addr> = after.endpoints.values().map(|e| e.ip).collect();
+        assert!(vips.is_disjoint(&endpoint_ips));
+        // The same as one by one: the next single add gets the next free VIP and id.
+        let next = add_svc(&mut after, &svc("next", "n", &["80"]));
+        assert_eq!(next.id, 2002);
+        assert!(!vips.contains(&next.vip.unwrap()));
+
+        // One bad service anywhere rejects the batch whole, naming it.
+        let mut bad = batch.clone();
+        bad[1500].backends.push("nosuch".into());
+        assert!(matches!(
+            st.plan_add_services(&bad, NOW),
+            Err(ModelError::NotFound {
+                kind: "sandbox",
+                ..
+            })
+        ));
+        let mut dup = batch[..3].to_vec();
+        dup.push(batch[1].clone());
+        assert!(matches!(
+            st.plan_add_services(&dup, NOW),
+            Err(ModelError::Exists {
+                kind: "service",
+                ..
+            })
+        ));
+        let mut clash = batch[..3].to_vec();
+        clash[2].service.vip = Some(after.services["s0"].vip.unwrap().to_string());
+        // A VIP taken earlier in the same batch is a conflict too.
+        let e = st.plan_add_services(&clash, NOW).unwrap_err();
+        assert!(e.to_string().contains("\"s0\""), "{e}");
+        clash[2].service.vip = Some(st.services["old"].vip.unwrap().to_string());
+        assert!(matches!(
+            st.plan_add_services(&clash, NOW),
+            Err(ModelError::Invalid { field: "vip", .. })
+        ));
     }
 
     // ---- services ----

@@ -99,72 +99,171 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
         }
     }
     for sv in state.services.values() {
-        let (ServiceMode::Vip, Some(vip), Some(net)) =
-            (sv.mode, sv.vip, state.networks.get(&sv.network))
-        else {
-            continue;
-        };
-        if sv.id == 0 || sv.id >= MAX_SERVICES {
-            tracing::warn!(service = %sv.name, id = sv.id, "service id beyond the table; not programmed");
-            continue;
-        }
-        let vip = vip.octets();
-        d.vips.insert(
-            vip,
-            VipInfo {
+        add_service(&mut d, state, sv, ifindex);
+    }
+    d
+}
+
+/// Only the entries of the named services (a removed one contributes nothing), for an
+/// incremental change with [`apply_delta`].
+pub fn desired_services(state: &State, names: &[&str], ifindex: &BTreeMap<String, u32>) -> Desired {
+    let mut d = Desired::default();
+    for sv in names.iter().filter_map(|n| state.services.get(*n)) {
+        add_service(&mut d, state, sv, ifindex);
+    }
+    d
+}
+
+/// The map entries of one service: its VIP, one `SERVICES` entry per port, its backends and
+/// its Maglev row.
+fn add_service(
+    d: &mut Desired,
+    state: &State,
+    sv: &crate::model::Service,
+    ifindex: &BTreeMap<String, u32>,
+) {
+    let (ServiceMode::Vip, Some(vip), Some(net)) =
+        (sv.mode, sv.vip, state.networks.get(&sv.network))
+    else {
+        return;
+    };
+    if sv.id == 0 || sv.id >= MAX_SERVICES {
+        tracing::warn!(service = %sv.name, id = sv.id, "service id beyond the table; not programmed");
+        return;
+    }
+    let vip = vip.octets();
+    d.vips.insert(
+        vip,
+        VipInfo {
+            net_id: net.id,
+            flags: 0,
+        },
+    );
+    for b in &sv.backends {
+        let ep = state.endpoints.get(&b.endpoint);
+        let ifindex = ep
+            .and_then(|e| ifindex.get(&e.host_ifname))
+            .copied()
+            .unwrap_or(0);
+        let mac = ep
+            .and_then(|e| parse_mac(&e.mac))
+            .unwrap_or(crate::model::mac_for(b.ip));
+        d.backends.insert(
+            b.id,
+            BackendInfo {
+                ip: b.ip.octets(),
+                svc_id: sv.id,
+                ifindex,
+                mac,
+                _pad: [0; 2],
+            },
+        );
+    }
+    let by_ip: BTreeMap<[u8; 4], u32> = sv.backends.iter().map(|b| (b.ip.octets(), b.id)).collect();
+    let ips: Vec<[u8; 4]> = by_ip.keys().copied().collect();
+    let row: Vec<u32> = crate::maglev::table(&ips, MAGLEV_M)
+        .iter()
+        .map(|ip| by_ip[ip])
+        .collect();
+    if !row.is_empty() {
+        d.maglev.insert(sv.id, row);
+    }
+    for p in &sv.ports {
+        d.services.insert(
+            SvcKey {
+                vip,
+                port: p.port,
+                proto: p.proto.number(),
+                _pad: 0,
+            },
+            SvcInfo {
+                svc_id: sv.id,
+                target_port: p.target,
+                backend_count: u16::try_from(sv.backends.len()).unwrap_or(u16::MAX),
                 net_id: net.id,
                 flags: 0,
             },
         );
-        for b in &sv.backends {
-            let ep = state.endpoints.get(&b.endpoint);
-            let ifindex = ep
-                .and_then(|e| ifindex.get(&e.host_ifname))
-                .copied()
-                .unwrap_or(0);
-            let mac = ep
-                .and_then(|e| parse_mac(&e.mac))
-                .unwrap_or(crate::model::mac_for(b.ip));
-            d.backends.insert(
-                b.id,
-                BackendInfo {
-                    ip: b.ip.octets(),
-                    svc_id: sv.id,
-                    ifindex,
-                    mac,
-                    _pad: [0; 2],
-                },
-            );
-        }
-        let by_ip: BTreeMap<[u8; 4], u32> =
-            sv.backends.iter().map(|b| (b.ip.octets(), b.id)).collect();
-        let ips: Vec<[u8; 4]> = by_ip.keys().copied().collect();
-        let row: Vec<u32> = crate::maglev::table(&ips, MAGLEV_M)
-            .iter()
-            .map(|ip| by_ip[ip])
-            .collect();
-        if !row.is_empty() {
-            d.maglev.insert(sv.id, row);
-        }
-        for p in &sv.ports {
-            d.services.insert(
-                SvcKey {
-                    vip,
-                    port: p.port,
-                    proto: p.proto.number(),
-                    _pad: 0,
-                },
-                SvcInfo {
-                    svc_id: sv.id,
-                    target_port: p.target,
-                    backend_count: u16::try_from(sv.backends.len()).unwrap_or(u16::MAX),
-                    net_id: net.id,
-                    flags: 0,
-                },
-            );
-        }
     }
-    d
+}
+
+/// Changes the service entries from `old` to `new` (both partial, from
+/// [`desired_services`]), touching only what differs, in the same make-before-break order
+/// as [`apply`]. The cost is that of the services changed, not of all services.
+pub fn apply_delta(
+    dp: &mut dyn Dataplane,
+    old: &Desired,
+    new: &Desired,
+) -> Result<Drift, DatapathError> {
+    use crate::datapath::{Phase, write_diff};
+    let mut d = Drift::default();
+    d.add(write_diff(
+        dp.config_maps().backends,
+        &old.backends,
+        &new.backends,
+        Phase::Put,
+        "BACKENDS",
+    )?);
+    let rows: BTreeMap<u32, Vec<u32>> = new
+        .maglev
+        .iter()
+        .filter(|(k, v)| old.maglev.get(k) != Some(v))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    d.add(dp.sync_maglev(&rows, false)?);
+    d.add(write_diff(
+        dp.config_maps().vips,
+        &old.vips,
+        &new.vips,
+        Phase::Put,
+        "VIPS",
+    )?);
+    d.add(write_diff(
+        dp.config_maps().services,
+        &old.services,
+        &new.services,
+        Phase::Put,
+        "SERVICES",
+    )?);
+    d.add(write_diff(
+        dp.config_maps().services,
+        &old.services,
+        &new.services,
+        Phase::Delete,
+        "SERVICES",
+    )?);
+    let cleared: BTreeMap<u32, Vec<u32>> = old
+        .maglev
+        .keys()
+        .filter(|k| !new.maglev.contains_key(k))
+        .map(|k| (*k, vec![0; MAGLEV_M as usize]))
+        .collect();
+    d.add(dp.sync_maglev(&cleared, false)?);
+    d.add(write_diff(
+        dp.config_maps().vips,
+        &old.vips,
+        &new.vips,
+        Phase::Delete,
+        "VIPS",
+    )?);
+    let removed = write_diff(
+        dp.config_maps().backends,
+        &old.backends,
+        &new.backends,
+        Phase::Delete,
+        "BACKENDS",
+    )?;
+    if removed.removed > 0 {
+        let gone: BTreeSet<u32> = old
+            .backends
+            .keys()
+            .filter(|k| !new.backends.contains_key(k))
+            .copied()
+            .collect();
+        d.removed += dp.purge_conntrack(&gone)?;
+    }
+    d.add(removed);
+    Ok(d)
 }
 
 /// Makes the data plane hold `d`. Order is make-before-break: subnets and endpoint entries
@@ -186,12 +285,17 @@ pub fn apply(dp: &mut dyn Dataplane, d: &Desired) -> Result<(Drift, Drift), Data
     maps.add(dp.sync_services(&d.services)?);
     maps.add(dp.sync_maglev(&d.maglev, true)?);
     maps.add(dp.sync_vips(&d.vips, true)?);
-    let pruned = dp.sync_backends(&d.backends, true)?;
-    if pruned.removed > 0 {
-        let live: BTreeSet<u32> = d.backends.keys().copied().collect();
-        maps.removed += dp.purge_conntrack(&live)?;
+    let gone: BTreeSet<u32> = dp
+        .config_maps()
+        .backends
+        .entries()
+        .into_keys()
+        .filter(|k| !d.backends.contains_key(k))
+        .collect();
+    maps.add(dp.sync_backends(&d.backends, true)?);
+    if !gone.is_empty() {
+        maps.removed += dp.purge_conntrack(&gone)?;
     }
-    maps.add(pruned);
     let links = dp.sync_endpoint_links(&d.links)?;
     Ok((maps, links))
 }

@@ -58,6 +58,20 @@ fn getent(sandbox: &str, name: &str) -> Option<Vec<Ipv4Addr>> {
     Some(v)
 }
 
+/// Polls `f` until it returns `want` (DNS follows service changes within 200 ms); at most
+/// 5 s, then asserts.
+fn eventually<T: PartialEq + std::fmt::Debug>(what: &str, want: T, f: impl Fn() -> T) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = f();
+        if got == want || std::time::Instant::now() > deadline {
+            assert_eq!(got, want, "{what}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn names_services_isolation_rotation_and_forwarding() {
     let h = Host::with_args(&["--dns-upstream", "127.0.0.1:5300"]);
@@ -115,11 +129,14 @@ fn names_services_isolation_rotation_and_forwarding() {
     assert!(conf.contains("nameserver 10.95.0.1"), "{conf}");
 
     // Through resolv.conf, as a program in the sandbox resolves.
+    let mut both = vec![ip_a, ip_b];
+    both.sort();
+    eventually("rr has both backends", Some(both.clone()), || {
+        getent(&a, "rr")
+    });
     assert_eq!(getent(&a, "web"), Some(vec![vip]), "service name -> VIP");
     assert_eq!(getent(&a, &b), Some(vec![ip_b]), "sandbox name");
     assert_eq!(getent(&a, "db"), Some(vec![ip_b]), "alias");
-    let mut both = vec![ip_a, ip_b];
-    both.sort();
     assert_eq!(getent(&a, "tasks.web"), Some(both.clone()), "tasks.NAME");
     assert_eq!(getent(&a, "rr"), Some(both.clone()), "dnsrr -> backends");
     assert_eq!(
@@ -152,13 +169,12 @@ fn names_services_isolation_rotation_and_forwarding() {
 
     // A change shows at once.
     h.ok(&["service", "detach", "rr", &b]);
-    assert_eq!(query(&a, gw1, "rr").1, vec![ip_a]);
+    eventually("rr after the detach", vec![ip_a], || query(&a, gw1, "rr").1);
     h.ok(&["service", "rm", "web"]);
     // Nobody knows "web" now: it goes upstream, which has no answer for it either.
-    assert!(
-        query(&a, gw1, "web").1.is_empty(),
-        "a removed service has no address"
-    );
+    eventually("web after its removal", Vec::new(), || {
+        query(&a, gw1, "web").1
+    });
 
     stop_tx.send(()).unwrap();
     stub.join().unwrap();

@@ -1,4 +1,5 @@
 //! `netctl-bench`: runs the benchmark suites (see BENCHMARKS.md) and the load generator.
+mod loadgen;
 mod sample;
 
 fn main() {}

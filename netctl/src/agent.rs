@@ -785,14 +785,29 @@ impl Agent {
         Ok(())
     }
 
-    /// `POST /v1/services/batch`: adds services with their backends, all or nothing, in one
-    /// store transaction and one programming pass.
-    pub async fn add_services(&mut self, reqs: Vec<crate::model::BatchService>) -> Result<usize> {
-        let changes = self.state.plan_add_services(&reqs, &now_rfc3339())?;
-        let n = changes.len();
+    /// `POST /v1/services/batch`: removes the named services and adds services with their
+    /// backends, all or nothing, in one store transaction and one programming pass.
+    pub async fn batch_services(
+        &mut self,
+        add: Vec<crate::model::BatchService>,
+        remove: Vec<String>,
+    ) -> Result<(usize, usize)> {
+        let mut changes = Vec::with_capacity(add.len() + remove.len());
+        for name in &remove {
+            changes.extend(self.state.plan_remove_service(name)?);
+        }
+        let after_removal = if remove.is_empty() {
+            None
+        } else {
+            let mut s = self.state.clone();
+            s.apply(&changes);
+            Some(s)
+        };
+        let base = after_removal.as_ref().unwrap_or(&self.state);
+        changes.extend(base.plan_add_services(&add, &now_rfc3339())?);
         self.service_change(changes).await?;
-        tracing::info!(services = n, "services added in a batch");
-        Ok(n)
+        tracing::info!(added = add.len(), removed = remove.len(), "services batch");
+        Ok((add.len(), remove.len()))
     }
 
     /// Updates the DNS servers if records changed since the last update.

@@ -214,18 +214,27 @@ async fn add_service(
     Ok(Json(c.agent.lock().await.add_service(req).await?))
 }
 
-/// `POST /v1/services/batch`.
-#[derive(Debug, Serialize, Deserialize)]
+/// `POST /v1/services/batch`: services to add (with their backends) and names to remove,
+/// all in one transaction.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct BatchBody {
+    #[serde(default)]
     pub services: Vec<crate::model::BatchService>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 async fn add_services(
     State(c): State<Ctx>,
     Json(b): Json<BatchBody>,
 ) -> ApiResult<serde_json::Value> {
-    let n = c.agent.lock().await.add_services(b.services).await?;
-    Ok(Json(serde_json::json!({ "added": n })))
+    let (added, removed) = c
+        .agent
+        .lock()
+        .await
+        .batch_services(b.services, b.remove)
+        .await?;
+    Ok(Json(serde_json::json!({ "added": added, "removed": removed })))
 }
 
 async fn inspect_service(

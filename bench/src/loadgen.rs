@@ -38,7 +38,7 @@
 
 // main.rs wires `server` and `load` as subcommands; until it does they are unused (drop
 // this then).
-#![allow(dead_code)]
+
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;

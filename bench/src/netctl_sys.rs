@@ -203,16 +203,6 @@ impl NetctlSys {
         self.delete(&format!("/v1/services/{name}"))?;
         Ok(t.elapsed())
     }
-
-    /// Entries in a pinned map, as `netctl status` reports them.
-    pub fn map_entries(&self, map: &str) -> Result<u64> {
-        let st = self.get("/v1/status")?;
-        st["maps"]
-            .as_array()
-            .and_then(|a| a.iter().find(|m| m["name"] == map))
-            .and_then(|m| m["entries"].as_u64())
-            .with_context(|| format!("map {map} in status"))
-    }
 }
 
 impl Drop for NetctlSys {

@@ -30,6 +30,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "ethtool",        // offload settings on veths
     "iptables",       // the tests check netctl made no rules; the bench's peer
     "nftables",       // likewise (`nft list ruleset`); the bench's other peer
+    "fonts-dejavu-core", // the font of the bench's charts
 ];
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 /// The eBPF crate's binary target; netctl/build.rs expects this name.
@@ -79,6 +80,18 @@ enum Cmd {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
+    /// Set up, build (release), and run the benchmarks side by side with iptables and
+    /// nftables. A full run writes bench/results/ and BENCHMARKS.md; --quick (tiny sizes, one
+    /// repetition) writes target/bench-quick/ and fails if a scenario cannot run.
+    Bench {
+        /// Suites: prog, lb, update (default: all).
+        suites: Vec<String>,
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for netctl-bench run (e.g. --reps 3 --cap 300).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
     /// Set up, build, and start `netctl up ARGS` in the background (logs in
     /// /var/log/netctl/agent.log); waits until `netctl status` answers.
     Up {
@@ -117,6 +130,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             println!("netctl binary: {}", bin.display());
         }
         Cmd::Test { args } => return ws.test(&args),
+        Cmd::Bench {
+            suites,
+            quick,
+            args,
+        } => ws.bench(&suites, quick, &args)?,
         Cmd::Up { release, args } => ws.up(release, &args)?,
     }
     Ok(0)
@@ -554,6 +572,61 @@ impl Workspace {
             bail!("cargo build succeeded but {} does not exist", bin.display());
         }
         Ok(bin)
+    }
+
+    fn bench(&self, suites: &[String], quick: bool, args: &[OsString]) -> Result<()> {
+        require_root("benchmarking (namespaces, veths, eBPF programs, iptables and nftables)")?;
+        let mut setup = Setup::new(false);
+        setup.all()?;
+        let netctl = self.build(true, Some(&setup))?;
+        let obj = self.ebpf_object(false);
+        let mut cmd = self.host_cargo(&obj);
+        cmd.args(["build", "--release", "-p", "netctl-bench"]);
+        run(&mut cmd, "cargo build --release -p netctl-bench")?;
+        let bench = self.target_dir.join("release").join("netctl-bench");
+        let out = if quick {
+            self.target_dir.join("bench-quick")
+        } else {
+            self.root.join("bench").join("results")
+        };
+        let mut cmd = Command::new(&bench);
+        cmd.arg("run")
+            .args(suites)
+            .arg("--out")
+            .arg(&out)
+            .arg("--netctl")
+            .arg(&netctl)
+            .arg("--object")
+            .arg(&obj)
+            .args(args);
+        if quick {
+            cmd.arg("--quick");
+        }
+        run(&mut cmd, "netctl-bench run")?;
+        if !quick {
+            let table = fs::read_to_string(out.join("results.md"))?;
+            let doc = format!(
+                "# Benchmarks\n\n\
+                 The latest full run of `cargo xtask bench` (see the README). Every system runs in \
+                 the same run, repetitions interleaved in a rotated order; cells are medians with \
+                 [min–max]. Systems: **netctl** (its eBPF data plane, services through its API); \
+                 **iptables** (DNAT in kube-proxy's rule shape: a chain per service, a statistic \
+                 match per backend; `iptables-restore`, nft backend); **nftables** (kube-proxy's \
+                 nftables shape: a verdict map of services, `numgen` per service; `nft -f`); \
+                 **floor** (the same client and backends, straight to a backend: no load \
+                 balancing, no NAT, no conntrack). IPVS is not compiled into this kernel.\n\n\
+                 Reproduce: `cargo xtask bench` (as root; about 40 minutes), or one suite: \
+                 `cargo xtask bench lb`. Raw samples: `bench/results/results.json`; charts: \
+                 `bench/results/*.png`.\n\n\
+                 ![lb new connections](bench/results/lb-new_connections.png)\n\
+                 ![lb transactions](bench/results/lb-transactions.png)\n\
+                 ![update program_all](bench/results/update-program_all.png)\n\n\
+                 {table}"
+            );
+            fs::write(self.root.join("BENCHMARKS.md"), doc)?;
+            println!("wrote BENCHMARKS.md and {}", out.display());
+        }
+        Ok(())
     }
 
     fn test(&self, args: &[OsString]) -> Result<i32> {

@@ -7,7 +7,6 @@
 // Some helpers serve only this module's tests.
 #![allow(dead_code)]
 
-
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Output, Stdio};

@@ -39,7 +39,6 @@
 // main.rs wires `server` and `load` as subcommands; until it does they are unused (drop
 // this then).
 
-
 use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::net::SocketAddr;

@@ -156,7 +156,10 @@ fn run(a: RunArgs) -> Result<()> {
         // Keep what is done even if a later suite fails.
         report::write(&samples, &a.out, &settings(&plan))?;
     }
-    let failed: Vec<&Sample> = samples.iter().filter(|s| !s.ok && s.note.contains("error")).collect();
+    let failed: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| !s.ok && s.note.contains("error"))
+        .collect();
     report::write(&samples, &a.out, &settings(&plan))?;
     eprintln!("results in {}", a.out.display());
     if !failed.is_empty() {
@@ -210,7 +213,15 @@ fn server(ns: &str, name: &str) -> Result<Child> {
     Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(exe()?)
-        .args(["server", "--listen", "0.0.0.0:8080", "--name", name, "--cpu", "1"])
+        .args([
+            "server",
+            "--listen",
+            "0.0.0.0:8080",
+            "--name",
+            name,
+            "--cpu",
+            "1",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -228,7 +239,10 @@ fn sysctls(ns: &str) -> Result<()> {
             .args(["netns", "exec", ns, "sysctl", "-qw", kv])
             .output()?;
         if !o.status.success() {
-            bail!("sysctl {kv} in {ns}: {}", String::from_utf8_lossy(&o.stderr));
+            bail!(
+                "sysctl {kv} in {ns}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
     Ok(())
@@ -322,10 +336,26 @@ fn run_lb(p: &Plan) -> Result<Vec<Sample>> {
         eprintln!("   netctl: programmed in {d:.2?}");
         let vip_last = peers::vips(size)[size - 1];
         let targets = [
-            ("floor", floor.client.clone(), std::net::SocketAddrV4::new(floor.backend_ips[0], 8080)),
-            ("netctl", nc.client.clone(), std::net::SocketAddrV4::new(nc.services[size - 1].1, 80)),
-            ("iptables", ipt.client.clone(), std::net::SocketAddrV4::new(vip_last, 80)),
-            ("nftables", nft.client.clone(), std::net::SocketAddrV4::new(vip_last, 80)),
+            (
+                "floor",
+                floor.client.clone(),
+                std::net::SocketAddrV4::new(floor.backend_ips[0], 8080),
+            ),
+            (
+                "netctl",
+                nc.client.clone(),
+                std::net::SocketAddrV4::new(nc.services[size - 1].1, 80),
+            ),
+            (
+                "iptables",
+                ipt.client.clone(),
+                std::net::SocketAddrV4::new(vip_last, 80),
+            ),
+            (
+                "nftables",
+                nft.client.clone(),
+                std::net::SocketAddrV4::new(vip_last, 80),
+            ),
         ];
         for (name, client, target) in &targets {
             if !unavailable.iter().any(|(u, _)| u == name) {
@@ -352,11 +382,17 @@ fn run_lb(p: &Plan) -> Result<Vec<Sample>> {
                     s.value = r.per_sec;
                     if r.completed == 0 || r.errors * 100 > r.completed.max(1) {
                         s.ok = false;
-                        s.note = format!("error: {} errors, {} completed: {:?}", r.errors, r.completed, r.error_kinds);
+                        s.note = format!(
+                            "error: {} errors, {} completed: {:?}",
+                            r.errors, r.completed, r.error_kinds
+                        );
                     } else if r.errors > 0 {
                         s.note = format!("{} errors", r.errors);
                     }
-                    eprintln!("   rep {rep} {sys:8} {scenario:15} {:>10.0} {unit}", r.per_sec);
+                    eprintln!(
+                        "   rep {rep} {sys:8} {scenario:15} {:>10.0} {unit}",
+                        r.per_sec
+                    );
                     out.push(s);
                 }
             }
@@ -389,14 +425,23 @@ fn run_update(p: &Plan) -> Result<Vec<Sample>> {
                     s.value = d.as_secs_f64();
                     s.ok = ok;
                     s.note = note;
-                    eprintln!("   rep {rep} {sys:8} {scenario:12} {:>10.4} s{}", s.value, if ok { "" } else { " (timed out)" });
+                    eprintln!(
+                        "   rep {rep} {sys:8} {scenario:12} {:>10.4} s{}",
+                        s.value,
+                        if ok { "" } else { " (timed out)" }
+                    );
                     out.push(s);
                 };
                 if sys == "netctl" {
                     nc.clear()?;
                     let d = nc.grow_to(size, 80, 8080)?;
                     push("program_all", d, true, String::new());
-                    push("add_one", nc.add_one("extra", 80, 8080)?, true, String::new());
+                    push(
+                        "add_one",
+                        nc.add_one("extra", 80, 8080)?,
+                        true,
+                        String::new(),
+                    );
                     push("remove_one", nc.remove_one("extra")?, true, String::new());
                     continue;
                 }

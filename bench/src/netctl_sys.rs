@@ -85,6 +85,8 @@ impl NetctlSys {
             .arg(&sys.pin_dir)
             // No periodic full resync in the middle of a measurement.
             .args(["--resync-interval", "86400", "--conntrack-size", "1048576"])
+            // Tables for the largest size the bench programs.
+            .args(["--max-services", "131072"])
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -94,7 +96,10 @@ impl NetctlSys {
         let deadline = Instant::now() + Duration::from_secs(30);
         while sys.get("/v1/status").is_err() {
             if Instant::now() > deadline {
-                bail!("the netctl agent did not answer in 30 s (log in {})", sys.dir.display());
+                bail!(
+                    "the netctl agent did not answer in 30 s (log in {})",
+                    sys.dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -111,7 +116,8 @@ impl NetctlSys {
                 &serde_json::json!({ "sandbox": sb }),
             )?;
             if sb != &sys.client {
-                sys.backend_ips.push(ep["ip"].as_str().unwrap_or_default().parse()?);
+                sys.backend_ips
+                    .push(ep["ip"].as_str().unwrap_or_default().parse()?);
             }
         }
         Ok(sys)
@@ -180,7 +186,10 @@ impl NetctlSys {
     pub fn clear(&mut self) -> Result<Duration> {
         let names: Vec<String> = self.services.iter().map(|(n, _)| n.clone()).collect();
         let t = Instant::now();
-        self.post("/v1/services/batch", &serde_json::json!({ "remove": names }))?;
+        self.post(
+            "/v1/services/batch",
+            &serde_json::json!({ "remove": names }),
+        )?;
         let took = t.elapsed();
         self.services.clear();
         Ok(took)

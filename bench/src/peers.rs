@@ -20,7 +20,6 @@
 //! Loads run the real tools (`iptables-restore`, `nft -f`) in a namespace, input on stdin,
 //! under a time cap; a load that hits the cap is killed and reported as [`Outcome::TimedOut`].
 
-
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;

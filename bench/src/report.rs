@@ -28,7 +28,10 @@ fn stats(samples: &[Sample]) -> BTreeMap<Key, BTreeMap<String, Stat>> {
     let mut groups: BTreeMap<(Key, String), Vec<&Sample>> = BTreeMap::new();
     for s in samples {
         groups
-            .entry(((s.suite.clone(), s.scenario.clone(), s.size), s.system.clone()))
+            .entry((
+                (s.suite.clone(), s.scenario.clone(), s.size),
+                s.system.clone(),
+            ))
             .or_default()
             .push(s);
     }
@@ -279,7 +282,9 @@ fn register_font() -> Result<()> {
     let path = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
     let bytes: &'static [u8] = Box::leak(
         std::fs::read(path)
-            .with_context(|| format!("read {path} (Debian's fonts-dejavu-core; `cargo xtask setup` installs it)"))?
+            .with_context(|| {
+                format!("read {path} (Debian's fonts-dejavu-core; `cargo xtask setup` installs it)")
+            })?
             .into_boxed_slice(),
     );
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
@@ -321,7 +326,11 @@ fn charts(st: &BTreeMap<Key, BTreeMap<String, Stat>>, out: &Path) -> Result<()> 
         let root = BitMapBackend::new(&file, (900, 520)).into_drawing_area();
         root.fill(&WHITE)?;
         let xmax = by_sys.values().flatten().map(|p| p.0).fold(1.0, f64::max) * 1.5;
-        let ymin = by_sys.values().flatten().map(|p| p.1).fold(f64::MAX, f64::min);
+        let ymin = by_sys
+            .values()
+            .flatten()
+            .map(|p| p.1)
+            .fold(f64::MAX, f64::min);
         let ymax = by_sys.values().flatten().map(|p| p.1).fold(0.0, f64::max);
         let title = match suite.as_str() {
             "lb" => format!("lb: {scenario} (/s) vs services configured"),
@@ -340,7 +349,11 @@ fn charts(st: &BTreeMap<Key, BTreeMap<String, Stat>>, out: &Path) -> Result<()> 
         chart
             .configure_mesh()
             .x_desc("services")
-            .y_desc(if suite == "update" { "seconds" } else { "per second" })
+            .y_desc(if suite == "update" {
+                "seconds"
+            } else {
+                "per second"
+            })
             .label_style(("sans-serif", 14))
             .draw()?;
         for (name, pts) in by_sys {
@@ -354,7 +367,9 @@ fn charts(st: &BTreeMap<Key, BTreeMap<String, Stat>>, out: &Path) -> Result<()> 
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
                 .label(name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+                });
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
         }
         chart

@@ -43,6 +43,8 @@ pub struct Options {
     pub ct_udp: Duration,
     /// Where names that no network knows are resolved (default: the host's resolv.conf).
     pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// Services the tables are sized for (a Maglev row each).
+    pub max_services: u32,
 }
 
 impl Options {
@@ -230,8 +232,9 @@ impl Agent {
         let pin_dir = opts.pin_dir.clone();
         let uplink = opts.uplink.clone();
         let (ct_size, ct_timeouts) = (opts.conntrack_size, opts.ct_timeouts_ns());
+        let max_services = opts.max_services;
         let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<Datapath> {
-            let mut dp = Datapath::open(&pin_dir, ct_size)
+            let mut dp = Datapath::open(&pin_dir, ct_size, max_services)
                 .with_context(|| format!("set up the data plane under {}", pin_dir.display()))?;
             dp.set_ct_timeouts(ct_timeouts)
                 .context("write the conntrack timeouts")?;
@@ -256,6 +259,14 @@ impl Agent {
             endpoints = state.endpoints.len(),
             "agent starting"
         );
+        reconcile::set_max_services(dp.max_services());
+        if dp.max_services() != max_services {
+            tracing::warn!(
+                pinned = dp.max_services(),
+                asked = max_services,
+                "the pinned tables keep their size; `netctl down` then `netctl up` resizes them"
+            );
+        }
         let nl = Netlink::new().await.context("open a netlink connection")?;
         let mut agent = Agent {
             opts,

@@ -234,7 +234,9 @@ async fn add_services(
         .await
         .batch_services(b.services, b.remove)
         .await?;
-    Ok(Json(serde_json::json!({ "added": added, "removed": removed })))
+    Ok(Json(
+        serde_json::json!({ "added": added, "removed": removed }),
+    ))
 }
 
 async fn inspect_service(

@@ -115,6 +115,10 @@ pub struct UpArgs {
     /// Seconds between full reconciliations of the kernel against the store.
     #[arg(long, default_value_t = 30)]
     pub resync_interval: u64,
+    /// Services the load-balancing tables are sized for (each takes a Maglev row of 1021
+    /// slots: 4 KiB of kernel memory).
+    #[arg(long, default_value_t = netctl_common::MAX_SERVICES)]
+    pub max_services: u32,
     /// Entries of the conntrack table (an LRU hash) for service flows.
     #[arg(long, default_value_t = netctl_common::CT_DEFAULT_SIZE)]
     pub conntrack_size: u32,
@@ -415,6 +419,7 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         ct_established: args.ct_timeout_established,
         ct_closing: args.ct_timeout_closing,
         ct_udp: args.ct_timeout_udp,
+        max_services: args.max_services,
         dns_upstreams: if args.dns_upstream.is_empty() {
             crate::dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
         } else {

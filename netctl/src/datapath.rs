@@ -192,6 +192,9 @@ pub trait Dataplane {
     fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift>;
     /// Deletes the conntrack entries that name a backend in `gone`; returns how many.
     fn purge_conntrack(&mut self, gone: &BTreeSet<u32>) -> Result<u64>;
+    /// Rows of services that did not exist hold zeros (they are cleared on removal): a
+    /// writer may skip reading them first. A hint; the default ignores it.
+    fn assume_empty_rows(&mut self, _ids: &[u32]) {}
     /// Attaches both endpoint programs to each named host-side veth and detaches them from
     /// every veth not named.
     fn sync_endpoint_links(&mut self, desired: &BTreeSet<String>) -> Result<Drift>;
@@ -256,6 +259,10 @@ pub struct Datapath {
     ct_timeouts: Array<MapData, u64>,
     /// Maglev rows as last written or read, so that a sync compares in memory.
     maglev_rows: BTreeMap<u32, Vec<u32>>,
+    /// The MAGLEV map as a plain fd, for batch writes.
+    maglev_fd: std::os::fd::OwnedFd,
+    /// Rows of the MAGLEV table (service ids 1..max_services).
+    max_services: u32,
     from_endpoint: SchedClassifier,
     to_endpoint: SchedClassifier,
     uplink: SchedClassifier,
@@ -299,7 +306,7 @@ impl Datapath {
     /// of its instructions) is kept, a different one is replaced, and links attached to it
     /// are moved to the new program atomically by the next link sync (`bpf_link_update`).
     /// The conntrack table is created with `ct_size` entries; a pinned one keeps its size.
-    pub fn open(pin_dir: &Path, ct_size: u32) -> Result<Self> {
+    pub fn open(pin_dir: &Path, ct_size: u32, max_services: u32) -> Result<Self> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -316,6 +323,13 @@ impl Datapath {
             .collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::MAP_CONNTRACK, ct_size);
+        // Tables for `max_services` services: a Maglev row each, up to 4 ports and 16
+        // backends each on average (pinned maps keep the size they were made with).
+        let max = max_services.max(2);
+        loader.map_max_entries(names::MAP_MAGLEV, max.saturating_mul(MAGLEV_M));
+        loader.map_max_entries(names::MAP_VIPS, max.max(MAX_VIPS));
+        loader.map_max_entries(names::MAP_SERVICES, (max * 4).max(MAX_SERVICE_PORTS));
+        loader.map_max_entries(names::MAP_BACKENDS, (max * 16).max(MAX_BACKENDS));
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -356,7 +370,15 @@ impl Datapath {
         tracing::info!(root = %root.display(), adopted, "eBPF object loaded against the pinned maps");
         let mut dp = Self::adopt(&root)?;
         dp.adopted = adopted;
+        dp.max_services = aya::maps::MapInfo::from_pin(Self::map_pin(&root, names::MAP_MAGLEV))
+            .map(|i| i.max_entries() / MAGLEV_M)
+            .unwrap_or(MAX_SERVICES);
         Ok(dp)
+    }
+
+    /// Service ids this data plane has Maglev rows for (1..max).
+    pub fn max_services(&self) -> u32 {
+        self.max_services
     }
 
     fn open_map(root: &Path, name: &str) -> Result<Map> {
@@ -396,6 +418,11 @@ impl Datapath {
             ct_timeouts: Array::try_from(Self::open_map(root, names::MAP_CT_TIMEOUTS)?)
                 .map_err(typed(names::MAP_CT_TIMEOUTS))?,
             maglev_rows: BTreeMap::new(),
+            maglev_fd: {
+                let p = Self::map_pin(root, names::MAP_MAGLEV);
+                raw::obj_get(&p).map_err(io_err(&p))?
+            },
+            max_services: MAX_SERVICES,
             from_endpoint: Self::open_prog(root, names::PROG_FROM_ENDPOINT)?,
             to_endpoint: Self::open_prog(root, names::PROG_TO_ENDPOINT)?,
             uplink: Self::open_prog(root, names::PROG_UPLINK_INGRESS)?,
@@ -610,8 +637,8 @@ impl Datapath {
                 name: names::MAP_MAGLEV.into(),
                 kind: "array".into(),
                 pin: pin(names::MAP_MAGLEV),
-                entries: u64::from(MAX_SERVICES * MAGLEV_M),
-                max_entries: MAX_SERVICES * MAGLEV_M,
+                entries: u64::from(self.max_services * MAGLEV_M),
+                max_entries: self.max_services * MAGLEV_M,
             },
             MapUsage {
                 name: names::MAP_CONNTRACK.into(),
@@ -867,8 +894,9 @@ fn sync_maglev_rows(
     cache: &mut BTreeMap<u32, Vec<u32>>,
     desired: &BTreeMap<u32, Vec<u32>>,
     prune: bool,
+    max_services: u32,
     mut read: impl FnMut(u32) -> Result<u32>,
-    mut write: impl FnMut(u32, u32) -> Result<()>,
+    mut write_row: impl FnMut(u32, &[u32]) -> Result<()>,
 ) -> Result<Drift> {
     let m = MAGLEV_M as usize;
     let mut d = Drift::default();
@@ -883,7 +911,7 @@ fn sync_maglev_rows(
         .map(|(id, r)| (*id, r))
         .chain(stale.iter().map(|id| (*id, &empty)))
     {
-        if id == 0 || id >= MAX_SERVICES || row.len() != m {
+        if id == 0 || id >= max_services || row.len() != m {
             continue;
         }
         let current = match cache.get(&id) {
@@ -892,12 +920,10 @@ fn sync_maglev_rows(
                 .map(|slot| read(id * MAGLEV_M + slot))
                 .collect::<Result<Vec<u32>>>()?,
         };
-        let mut changed = false;
-        for (slot, (&want, &have)) in row.iter().zip(&current).enumerate() {
-            if want != have {
-                write(id * MAGLEV_M + slot as u32, want)?;
-                changed = true;
-            }
+        let changed = row != &current;
+        if changed {
+            // The whole row in one write: slots are read per packet, each is consistent.
+            write_row(id, row)?;
         }
         if changed {
             if current.iter().all(|&b| b == 0) {
@@ -940,23 +966,32 @@ impl Dataplane for Datapath {
     }
 
     fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift> {
-        let map = &mut self.maglev;
-        let cell = std::cell::RefCell::new(map);
+        let (map, fd) = (&self.maglev, &self.maglev_fd);
+        let pin = Self::map_pin(&self.root, names::MAP_MAGLEV);
         sync_maglev_rows(
             &mut self.maglev_rows,
             desired,
             prune,
+            self.max_services,
             |i| {
-                cell.borrow()
-                    .get(&i, 0)
+                map.get(&i, 0)
                     .map_err(map_err(format!("read {}", names::MAP_MAGLEV)))
             },
-            |i, v| {
-                cell.borrow_mut()
-                    .set(i, v, 0)
-                    .map_err(map_err(format!("write {}", names::MAP_MAGLEV)))
+            |id, row| {
+                let keys: Vec<u32> = (0..MAGLEV_M).map(|s| id * MAGLEV_M + s).collect();
+                raw::update_batch_u32(fd, &keys, row).map_err(io_err(&pin))
             },
         )
+    }
+
+    /// Tells the Maglev cache that these rows hold zeros (rows of services that did not
+    /// exist), so that writing them needs no read first.
+    fn assume_empty_rows(&mut self, ids: &[u32]) {
+        for id in ids {
+            self.maglev_rows
+                .entry(*id)
+                .or_insert_with(|| vec![0; MAGLEV_M as usize]);
+        }
     }
 
     fn purge_conntrack(&mut self, gone: &BTreeSet<u32>) -> Result<u64> {
@@ -1003,6 +1038,59 @@ impl Dataplane for Datapath {
     }
 }
 
+/// Two `bpf(2)` commands aya 0.14 does not expose: opening a pinned map as a plain fd, and
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+), which writes a whole Maglev row in one call
+/// instead of one call per slot. Layouts from include/uapi/linux/bpf.h (`union bpf_attr`).
+mod raw {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::path::Path;
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+        // SAFETY: `attr` is a zeroed bpf_attr-sized buffer with the fields the command
+        // reads set; the kernel copies at most size_of_val(attr) bytes.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// `BPF_OBJ_GET`: { pathname: u64, bpf_fd: u32, file_flags: u32 }.
+    pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = CString::new(path.as_os_str().as_bytes())?;
+        let mut attr = [0u64; 16];
+        attr[0] = c.as_ptr() as u64;
+        let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `BPF_MAP_UPDATE_BATCH` of u32 keys to u32 values: { in_batch, out_batch, keys,
+    /// values: u64, count: u32, map_fd: u32, elem_flags: u64, flags: u64 }.
+    pub fn update_batch_u32(fd: &OwnedFd, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        assert_eq!(keys.len(), values.len());
+        let mut attr = [0u64; 16];
+        attr[2] = keys.as_ptr() as u64;
+        attr[3] = values.as_ptr() as u64;
+        attr[4] = (keys.len() as u64) | ((fd.as_raw_fd() as u32 as u64) << 32);
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(|_| ())
+    }
+}
+
 /// An in-memory data plane for unit tests of the reconciler.
 #[derive(Debug, Default)]
 pub struct MemDataplane {
@@ -1031,7 +1119,14 @@ impl Dataplane for MemDataplane {
     }
     fn sync_maglev(&mut self, desired: &BTreeMap<u32, Vec<u32>>, prune: bool) -> Result<Drift> {
         let mut cache = self.maglev.clone();
-        let d = sync_maglev_rows(&mut cache, desired, prune, |_| Ok(0), |_, _| Ok(()))?;
+        let d = sync_maglev_rows(
+            &mut cache,
+            desired,
+            prune,
+            MAX_SERVICES,
+            |_| Ok(0),
+            |_, _| Ok(()),
+        )?;
         self.maglev = cache;
         Ok(d)
     }

@@ -104,6 +104,19 @@ pub fn desired(state: &State, ifindex: &BTreeMap<String, u32>) -> Desired {
     d
 }
 
+/// Service ids below this have a Maglev row (`netctl up --max-services`); the agent sets it
+/// once at start from the table it has, before any reconciliation.
+static MAX_SERVICE_ID: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(MAX_SERVICES);
+
+pub fn set_max_services(n: u32) {
+    MAX_SERVICE_ID.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn max_services() -> u32 {
+    MAX_SERVICE_ID.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Only the entries of the named services (a removed one contributes nothing), for an
 /// incremental change with [`apply_delta`].
 pub fn desired_services(state: &State, names: &[&str], ifindex: &BTreeMap<String, u32>) -> Desired {
@@ -127,7 +140,7 @@ fn add_service(
     else {
         return;
     };
-    if sv.id == 0 || sv.id >= MAX_SERVICES {
+    if sv.id == 0 || sv.id >= max_services() {
         tracing::warn!(service = %sv.name, id = sv.id, "service id beyond the table; not programmed");
         return;
     }
@@ -210,6 +223,12 @@ pub fn apply_delta(
         .filter(|(k, v)| old.maglev.get(k) != Some(v))
         .map(|(k, v)| (*k, v.clone()))
         .collect();
+    let fresh: Vec<u32> = rows
+        .keys()
+        .filter(|k| !old.maglev.contains_key(k))
+        .copied()
+        .collect();
+    dp.assume_empty_rows(&fresh);
     d.add(dp.sync_maglev(&rows, false)?);
     d.add(write_diff(
         dp.config_maps().vips,

@@ -21,15 +21,15 @@ const LLVM_FEATURE: &str = "llvm-22";
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev"];
 /// What the agent and the integration tests call at run time.
 const TOOL_PACKAGES: &[&str] = &[
-    "bpftool",        // inspect pinned maps and programs
-    "iproute2",       // ip, tc
-    "iputils-ping",   // ping in integration tests
-    "netcat-openbsd", // nc in integration tests
-    "util-linux",     // nsenter, setsid
-    "procps",         // ps, pkill in tests
-    "ethtool",        // offload settings on veths
-    "iptables",       // the tests check netctl made no rules; the bench's peer
-    "nftables",       // likewise (`nft list ruleset`); the bench's other peer
+    "bpftool",           // inspect pinned maps and programs
+    "iproute2",          // ip, tc
+    "iputils-ping",      // ping in integration tests
+    "netcat-openbsd",    // nc in integration tests
+    "util-linux",        // nsenter, setsid
+    "procps",            // ps, pkill in tests
+    "ethtool",           // offload settings on veths
+    "iptables",          // the tests check netctl made no rules; the bench's peer
+    "nftables",          // likewise (`nft list ruleset`); the bench's other peer
     "fonts-dejavu-core", // the font of the bench's charts
 ];
 const EBPF_TARGET: &str = "bpfel-unknown-none";

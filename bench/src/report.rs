@@ -23,6 +23,8 @@ pub struct Stat {
 }
 
 type Key = (String, String, u64); // (suite, scenario, size)
+/// Points (size, median) by system, by (suite, scenario).
+type Series = BTreeMap<(String, String), BTreeMap<String, Vec<(f64, f64)>>>;
 
 fn stats(samples: &[Sample]) -> BTreeMap<Key, BTreeMap<String, Stat>> {
     let mut groups: BTreeMap<(Key, String), Vec<&Sample>> = BTreeMap::new();
@@ -305,7 +307,7 @@ const COLORS: [(&str, RGBColor); 5] = [
 /// log-scaled sizes.
 fn charts(st: &BTreeMap<Key, BTreeMap<String, Stat>>, out: &Path) -> Result<()> {
     register_font()?;
-    let mut series: BTreeMap<(String, String), BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+    let mut series: Series = BTreeMap::new();
     for ((suite, scenario, size), sys) in st {
         if suite == "prog" {
             continue;

@@ -691,62 +691,11 @@ fn monotonic_ns() -> Result<u64> {
     Ok(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
 }
 
-// ---------------------------------------------------------------------------------------
-// Packets, every checksum computed from scratch (RFC 1071), as in tests/tests/lb_programs.rs.
-
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-fn tcp(
-    dmac: [u8; 6],
-    smac: [u8; 6],
-    src: Ip,
-    sport: u16,
-    dst: Ip,
-    dport: u16,
-    flags: u8,
-) -> Vec<u8> {
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&sport.to_be_bytes());
-    seg.extend_from_slice(&dport.to_be_bytes());
-    seg.extend_from_slice(&0x0102_0304u32.to_be_bytes());
-    let ack = if flags & ACK != 0 { 0x0a0b_0c0du32 } else { 0 };
-    seg.extend_from_slice(&ack.to_be_bytes());
-    seg.extend_from_slice(&[0x50, flags]);
-    seg.extend_from_slice(&64240u16.to_be_bytes());
-    seg.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-    let pseudo = sum16(&src) + sum16(&dst) + u32::from(TCP) + seg.len() as u32;
-    let c = !fold(pseudo + sum16(&seg));
-    seg[16..18].copy_from_slice(&c.to_be_bytes());
-
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&0x1c46u16.to_be_bytes()); // id
-    ip.extend_from_slice(&0x4000u16.to_be_bytes()); // DF
-    ip.extend_from_slice(&[64, TCP, 0, 0]);
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let c = !fold(sum16(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-
-    let mut p = Vec::new();
-    p.extend_from_slice(&dmac);
-    p.extend_from_slice(&smac);
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    p.extend_from_slice(&ip);
-    p.extend_from_slice(&seg);
-    p
-}
+// Packets: `netctl_tests::packet`, every checksum computed from scratch (RFC 1071), shared
+// with the packet tests.
+use netctl_tests::packet::tcp;
+#[cfg(test)]
+use netctl_tests::packet::{fold, sum16};
 
 #[cfg(test)]
 mod tests {

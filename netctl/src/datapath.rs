@@ -392,31 +392,29 @@ impl Datapath {
         SchedClassifier::from_pin(&path).map_err(prog_err(format!("open {}", path.display())))
     }
 
+    /// A pinned map as its typed handle.
+    fn open_typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+        root: &Path,
+        name: &str,
+    ) -> Result<T> {
+        T::try_from(Self::open_map(root, name)?)
+            .map_err(map_err(format!("map {name} has an unexpected type")))
+    }
+
     fn adopt(root: &Path) -> Result<Self> {
-        let typed = |name: &str| map_err(format!("map {name} has an unexpected type"));
         Ok(Self {
             root: root.to_owned(),
             adopted: true,
-            ifaces: HashMap::try_from(Self::open_map(root, names::MAP_IFACES)?)
-                .map_err(typed(names::MAP_IFACES))?,
-            subnets: LpmTrie::try_from(Self::open_map(root, names::MAP_SUBNETS)?)
-                .map_err(typed(names::MAP_SUBNETS))?,
-            endpoints: HashMap::try_from(Self::open_map(root, names::MAP_ENDPOINTS)?)
-                .map_err(typed(names::MAP_ENDPOINTS))?,
-            counters: PerCpuArray::try_from(Self::open_map(root, names::MAP_COUNTERS)?)
-                .map_err(typed(names::MAP_COUNTERS))?,
-            services: HashMap::try_from(Self::open_map(root, names::MAP_SERVICES)?)
-                .map_err(typed(names::MAP_SERVICES))?,
-            vips: HashMap::try_from(Self::open_map(root, names::MAP_VIPS)?)
-                .map_err(typed(names::MAP_VIPS))?,
-            backends: HashMap::try_from(Self::open_map(root, names::MAP_BACKENDS)?)
-                .map_err(typed(names::MAP_BACKENDS))?,
-            maglev: Array::try_from(Self::open_map(root, names::MAP_MAGLEV)?)
-                .map_err(typed(names::MAP_MAGLEV))?,
-            conntrack: HashMap::try_from(Self::open_map(root, names::MAP_CONNTRACK)?)
-                .map_err(typed(names::MAP_CONNTRACK))?,
-            ct_timeouts: Array::try_from(Self::open_map(root, names::MAP_CT_TIMEOUTS)?)
-                .map_err(typed(names::MAP_CT_TIMEOUTS))?,
+            ifaces: Self::open_typed(root, names::MAP_IFACES)?,
+            subnets: Self::open_typed(root, names::MAP_SUBNETS)?,
+            endpoints: Self::open_typed(root, names::MAP_ENDPOINTS)?,
+            counters: Self::open_typed(root, names::MAP_COUNTERS)?,
+            services: Self::open_typed(root, names::MAP_SERVICES)?,
+            vips: Self::open_typed(root, names::MAP_VIPS)?,
+            backends: Self::open_typed(root, names::MAP_BACKENDS)?,
+            maglev: Self::open_typed(root, names::MAP_MAGLEV)?,
+            conntrack: Self::open_typed(root, names::MAP_CONNTRACK)?,
+            ct_timeouts: Self::open_typed(root, names::MAP_CT_TIMEOUTS)?,
             maglev_rows: BTreeMap::new(),
             maglev_fd: {
                 let p = Self::map_pin(root, names::MAP_MAGLEV);

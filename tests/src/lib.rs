@@ -7,6 +7,8 @@
 //! (different n) never share a name. Dropping the host stops its agent and removes every
 //! namespace, pin and file it made, also when the test failed.
 
+pub mod packet;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;

@@ -15,15 +15,14 @@
 mod common;
 
 use aya::maps::{Array, HashMap, MapData};
-use common::{EP_MAC, Fixture, LO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, eth};
+use common::{EP_MAC, Fixture, LO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use netctl_common::{
     BackendInfo, CT_CLOSING, CT_DIR_FWD, CT_DIR_REPLY, CT_ESTABLISHED, CT_F_HAIRPIN, CT_SYN_SENT,
     CT_TIMEOUT_ESTABLISHED, CT_TIMEOUT_SYN, CT_TIMEOUT_UDP, CT_UDP, CtEntry, CtKey, DropReason,
     MAGLEV_M, SLOT_ARP_VIP, SLOT_HAIRPIN, SLOT_ICMP_REV_NAT, SLOT_LB_CT_HIT, SLOT_LB_NEW,
     SLOT_REV_NAT, SvcInfo, SvcKey, VIP_MAC, VipInfo, flow_hash, maglev_slot, names,
 };
-
-type Ip = [u8; 4];
+use netctl_tests::packet::*;
 
 const CLIENT: Ip = [10, 1, 0, 2];
 const VIP: Ip = [10, 1, 0, 100];
@@ -32,14 +31,10 @@ const OTHER_VIP: Ip = [10, 2, 0, 100];
 const ROUTER: Ip = [10, 1, 0, 1];
 const ROUTER_MAC: [u8; 6] = [0x02, 0x42, 10, 1, 0, 1];
 const SVC_ID: u32 = 1;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
 
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
 
 /// Backends of service 1: (id, address, MAC, ifindex of the host-side veth).
 const BACKENDS: [(u32, Ip, [u8; 6], u32); 3] = [
@@ -55,44 +50,6 @@ const UDP_ODD_PAYLOAD: &[u8] = b"odd-length!!!"; // 13 bytes: checks the padding
 
 // ---------------------------------------------------------------------------------------
 // RFC 1071 checksums, from scratch.
-
-/// The 16-bit one's complement sum (not yet folded) of `data`, big-endian words, an odd
-/// last byte padded with zero.
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-/// The checksum to store over `data` (whose checksum field is zero): IPv4 header, ICMP.
-fn csum(data: &[u8]) -> u16 {
-    !fold(sum16(data))
-}
-
-/// The sum of the TCP/UDP pseudo-header (RFC 793 section 3.1, RFC 768).
-fn pseudo_sum(src: Ip, dst: Ip, proto: u8, len: usize) -> u32 {
-    sum16(&src) + sum16(&dst) + u32::from(proto) + len as u32
-}
-
-/// The TCP or UDP checksum to store over `seg` (checksum field zero) with its pseudo-header.
-/// UDP transmits a computed 0 as 0xffff (RFC 768: 0 means "no checksum").
-fn l4_csum(src: Ip, dst: Ip, proto: u8, seg: &[u8]) -> u16 {
-    let c = !fold(pseudo_sum(src, dst, proto, seg.len()) + sum16(seg));
-    if proto == UDP && c == 0 { 0xffff } else { c }
-}
-
-/// A checksum field is valid when the sum over the covered data, field included, is
-/// 0xffff (one's complement -0).
-fn valid(sum: u32) -> bool {
-    fold(sum) == 0xffff
-}
 
 /// Verifies, from scratch, every checksum of an Ethernet frame: the IPv4 header; TCP, UDP
 /// (unless 0) with the pseudo-header; ICMP over the whole message and, in an ICMP error, the
@@ -176,109 +133,6 @@ fn ip_at(b: &[u8], off: usize) -> Ip {
 
 // ---------------------------------------------------------------------------------------
 // Packets, built from scratch with every checksum computed over the final bytes.
-
-/// An IPv4 header (no options, TTL 64, DF unless `frag` says otherwise) with its checksum.
-fn ipv4_hdr(src: Ip, dst: Ip, proto: u8, payload_len: usize, frag: u16) -> Vec<u8> {
-    let tot = (20 + payload_len) as u16;
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&tot.to_be_bytes());
-    h.extend_from_slice(&0x1c46u16.to_be_bytes()); // id
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, proto, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = csum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-const DF: u16 = 0x4000;
-const MF: u16 = 0x2000;
-
-fn frame(dmac: [u8; 6], smac: [u8; 6], src: Ip, dst: Ip, proto: u8, l4: &[u8]) -> Vec<u8> {
-    frame_frag(dmac, smac, src, dst, proto, l4, DF)
-}
-
-fn frame_frag(
-    dmac: [u8; 6],
-    smac: [u8; 6],
-    src: Ip,
-    dst: Ip,
-    proto: u8,
-    l4: &[u8],
-    frag: u16,
-) -> Vec<u8> {
-    let mut p = eth(dmac, smac, 0x0800);
-    p.extend_from_slice(&ipv4_hdr(src, dst, proto, l4.len(), frag));
-    p.extend_from_slice(l4);
-    p
-}
-
-/// A TCP segment without payload; sequence and acknowledgment numbers are fixed.
-fn tcp_seg(src: Ip, sport: u16, dst: Ip, dport: u16, flags: u8) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&0x0102_0304u32.to_be_bytes());
-    let ack = if flags & ACK != 0 { 0x0a0b_0c0du32 } else { 0 };
-    s.extend_from_slice(&ack.to_be_bytes());
-    s.extend_from_slice(&[0x50, flags]);
-    s.extend_from_slice(&64240u16.to_be_bytes());
-    s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-    let c = l4_csum(src, dst, TCP, &s);
-    s[16..18].copy_from_slice(&c.to_be_bytes());
-    s
-}
-
-/// A UDP datagram; `checksum` false sends 0 (none).
-fn udp_seg(src: Ip, sport: u16, dst: Ip, dport: u16, payload: &[u8], checksum: bool) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    s.extend_from_slice(&[0, 0]);
-    s.extend_from_slice(payload);
-    if checksum {
-        let c = l4_csum(src, dst, UDP, &s);
-        s[6..8].copy_from_slice(&c.to_be_bytes());
-    }
-    s
-}
-
-#[allow(clippy::too_many_arguments)]
-fn tcp(
-    dmac: [u8; 6],
-    smac: [u8; 6],
-    src: Ip,
-    sport: u16,
-    dst: Ip,
-    dport: u16,
-    flags: u8,
-) -> Vec<u8> {
-    frame(
-        dmac,
-        smac,
-        src,
-        dst,
-        TCP,
-        &tcp_seg(src, sport, dst, dport, flags),
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn udp(
-    dmac: [u8; 6],
-    smac: [u8; 6],
-    src: Ip,
-    sport: u16,
-    dst: Ip,
-    dport: u16,
-    payload: &[u8],
-    checksum: bool,
-) -> Vec<u8> {
-    let seg = udp_seg(src, sport, dst, dport, payload, checksum);
-    frame(dmac, smac, src, dst, UDP, &seg)
-}
 
 /// An ICMP error (`ty`/`code`, unused word 0) quoting `quote` (an IPv4 packet, maybe cut).
 fn icmp_error(

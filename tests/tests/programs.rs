@@ -10,8 +10,9 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::{EP_IP, EP_MAC, Fixture, eth, ip_csum};
+use common::{EP_IP, EP_MAC, Fixture};
 use netctl_common::{DropReason, NET_F_INTERNAL};
+use netctl_tests::packet::{csum, eth};
 
 const PEER_MAC: [u8; 6] = [0x02, 0x42, 10, 1, 0, 3];
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
@@ -27,7 +28,7 @@ fn udp(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     ip[2..4].copy_from_slice(&tot.to_be_bytes());
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
-    let c = ip_csum(&ip);
+    let c = csum(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     p.extend_from_slice(&ip);
     p.extend_from_slice(&40000u16.to_be_bytes());

@@ -190,23 +190,3 @@ impl Fixture {
         assert_eq!(after.bytes, before.bytes + pkt.len() as u64);
     }
 }
-
-pub fn eth(dst: [u8; 6], src: [u8; 6], proto: u16) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&proto.to_be_bytes());
-    p
-}
-
-/// RFC 1071 checksum of an IPv4 header.
-pub fn ip_csum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}

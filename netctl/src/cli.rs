@@ -80,25 +80,12 @@ pub enum ServiceCmd {
     Detach { service: String, sandbox: String },
     /// List services.
     #[command(alias = "list")]
-    Ls {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(LsArgs),
     /// Display a service: VIP, ports, mode, backends (JSON).
-    Inspect {
-        #[arg(required = true)]
-        names: Vec<String>,
-        #[arg(long, value_enum, default_value_t = Format::Json)]
-        format: Format,
-    },
+    Inspect(InspectArgs),
     /// Remove one or more services.
     #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
+    Rm(NamesArgs),
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +147,32 @@ pub struct FormatArg {
     pub format: Format,
 }
 
+/// `ls`: a table, JSON, or names only.
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Only names.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `inspect NAME...` (JSON, an array as `docker ... inspect` prints).
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+}
+
+/// `rm NAME...`.
+#[derive(Args, Debug)]
+pub struct NamesArgs {
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum NetworkCmd {
     /// Create a network.
@@ -189,26 +202,12 @@ pub enum NetworkCmd {
     },
     /// List networks.
     #[command(alias = "list")]
-    Ls {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        /// Only names.
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(LsArgs),
     /// Display detailed information on one or more networks (JSON).
-    Inspect {
-        #[arg(required = true)]
-        names: Vec<String>,
-        #[arg(long, value_enum, default_value_t = Format::Json)]
-        format: Format,
-    },
+    Inspect(InspectArgs),
     /// Remove one or more networks.
     #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
+    Rm(NamesArgs),
     /// Connect a sandbox to a network.
     Connect {
         network: String,
@@ -230,18 +229,10 @@ pub enum SandboxCmd {
     Create { name: String },
     /// List sandboxes.
     #[command(alias = "list")]
-    Ls {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Ls(LsArgs),
     /// Remove one or more sandboxes (disconnecting them from every network).
     #[command(alias = "remove")]
-    Rm {
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
+    Rm(NamesArgs),
 }
 
 /// Entry point of the binary: returns the exit code.
@@ -466,7 +457,7 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             let n: NetworkView = c.post("/v1/networks", &req).await?;
             println!("{}", n.network.name);
         }
-        NetworkCmd::Ls { format, quiet } => {
+        NetworkCmd::Ls(LsArgs { format, quiet }) => {
             let ns: Vec<NetworkView> = c.get("/v1/networks").await?;
             print_list(
                 &ns,
@@ -495,7 +486,7 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 },
             )?;
         }
-        NetworkCmd::Inspect { names, format: _ } => {
+        NetworkCmd::Inspect(InspectArgs { names, format: _ }) => {
             // Like `docker network inspect`: a JSON array, one object per name.
             let mut out = Vec::new();
             for n in &names {
@@ -506,7 +497,7 @@ async fn network(c: &Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        NetworkCmd::Rm { names } => {
+        NetworkCmd::Rm(NamesArgs { names }) => {
             for n in &names {
                 let _: Value = c
                     .delete(&format!("/v1/networks/{}", path_name("network", n)?))
@@ -554,7 +545,7 @@ async fn sandbox(c: &Client, cmd: SandboxCmd) -> anyhow::Result<()> {
             let s: SandboxView = c.post("/v1/sandboxes", &CreateSandbox { name }).await?;
             println!("{}", s.sandbox.name);
         }
-        SandboxCmd::Ls { format, quiet } => {
+        SandboxCmd::Ls(LsArgs { format, quiet }) => {
             let ss: Vec<SandboxView> = c.get("/v1/sandboxes").await?;
             print_list(
                 &ss,
@@ -573,7 +564,7 @@ async fn sandbox(c: &Client, cmd: SandboxCmd) -> anyhow::Result<()> {
                 },
             )?;
         }
-        SandboxCmd::Rm { names } => {
+        SandboxCmd::Rm(NamesArgs { names }) => {
             for n in &names {
                 let _: Value = c
                     .delete(&format!("/v1/sandboxes/{}", path_name("sandbox", n)?))
@@ -650,7 +641,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 .await?;
             println!("{} {} backends", s.name, s.backends.len());
         }
-        ServiceCmd::Ls { format, quiet } => {
+        ServiceCmd::Ls(LsArgs { format, quiet }) => {
             let ss: Vec<Service> = c.get("/v1/services").await?;
             print_list(
                 &ss,
@@ -688,7 +679,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 },
             )?;
         }
-        ServiceCmd::Inspect { names, format: _ } => {
+        ServiceCmd::Inspect(InspectArgs { names, format: _ }) => {
             let mut out = Vec::new();
             for n in &names {
                 let v: Service = c.get(&path(n)?).await?;
@@ -696,7 +687,7 @@ async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        ServiceCmd::Rm { names } => {
+        ServiceCmd::Rm(NamesArgs { names }) => {
             for n in &names {
                 let _: Value = c.delete(&path(n)?).await?;
                 println!("{n}");

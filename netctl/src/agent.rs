@@ -222,6 +222,8 @@ fn is_default_bridge(name: &str) -> bool {
         .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
 }
 
+mod docker;
+
 impl Agent {
     /// Opens the store, adopts or loads the data plane, and reconciles the kernel.
     pub async fn start(opts: Options) -> anyhow::Result<Shared> {
@@ -314,6 +316,13 @@ impl Agent {
         }
         let endpoints: Vec<Endpoint> = self.state.endpoints.values().cloned().collect();
         for ep in &endpoints {
+            if ep.docker.is_some() {
+                match self.adopt_docker_veth(ep).await {
+                    Ok(changed) => report.netlink.updated += u64::from(changed),
+                    Err(e) => note(e.to_string()),
+                }
+                continue;
+            }
             let Some(spec) = veth_spec(&self.state, ep) else {
                 continue;
             };
@@ -400,7 +409,9 @@ impl Agent {
         let mut per_net: BTreeMap<&str, crate::dns::Records> = BTreeMap::new();
         for ep in self.state.endpoints.values() {
             let r = per_net.entry(&ep.network).or_default();
-            for name in std::iter::once(&ep.sandbox).chain(&ep.aliases) {
+            // A Docker endpoint's sandbox is not a name (Docker's own DNS has its names).
+            let own = ep.docker.is_none().then_some(&ep.sandbox);
+            for name in own.into_iter().chain(&ep.aliases) {
                 r.names.insert(name.to_lowercase(), vec![ep.ip]);
             }
         }
@@ -548,6 +559,14 @@ impl Agent {
                 },
                 Change::DeleteService(n) => match self.state.services.get(n) {
                     Some(old) => Change::PutService(old.clone()),
+                    None => continue,
+                },
+                Change::PutPool(p) => match self.state.pools.get(&p.id) {
+                    Some(old) => Change::PutPool(old.clone()),
+                    None => Change::DeletePool(p.id.clone()),
+                },
+                Change::DeletePool(id) => match self.state.pools.get(id) {
+                    Some(old) => Change::PutPool(old.clone()),
                     None => continue,
                 },
             });

@@ -74,10 +74,19 @@ pub enum ServiceCmd {
         #[arg(long)]
         vip: Option<String>,
     },
-    /// Make a sandbox's endpoint on the service's network a backend.
-    Attach { service: String, sandbox: String },
-    /// Stop a sandbox being a backend.
-    Detach { service: String, sandbox: String },
+    /// Make an endpoint on the service's network a backend. TARGET: a sandbox name, an
+    /// endpoint id or a unique prefix of it (Docker's EndpointID), or an endpoint address.
+    Attach {
+        service: String,
+        #[arg(value_name = "TARGET")]
+        sandbox: String,
+    },
+    /// Stop an endpoint being a backend (TARGET as for attach).
+    Detach {
+        service: String,
+        #[arg(value_name = "TARGET")]
+        sandbox: String,
+    },
     /// List services.
     #[command(alias = "list")]
     Ls(LsArgs),
@@ -125,6 +134,14 @@ pub struct UpArgs {
     /// Default: the nameservers of /etc/resolv.conf.
     #[arg(long = "dns-upstream", value_parser = parse_upstream)]
     pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// Serve Docker's network driver and IPAM plugin API as this plugin name, on
+    /// /run/docker/plugins/NAME.sock (`docker network create -d NAME --ipam-driver NAME`);
+    /// `off` disables it.
+    #[arg(long, default_value = "netctl")]
+    pub docker_plugin: String,
+    /// The dockerd socket, which the agent asks for the names of the networks Docker creates.
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    pub docker_host: PathBuf,
 }
 
 fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -385,7 +402,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
-    use anyhow::Context;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -399,6 +415,24 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     }
     // Bind first: a second agent on the same socket must not touch the kernel at all.
     let listener = crate::api::bind(&socket).await?;
+    let plugin = if args.docker_plugin == "off" {
+        None
+    } else {
+        let bound = async {
+            crate::docker::check_plugin_name(&args.docker_plugin).map_err(anyhow::Error::msg)?;
+            let path = crate::docker::socket_path(&args.docker_plugin);
+            let l = crate::api::bind(&path).await?;
+            Ok::<_, anyhow::Error>((l, path))
+        }
+        .await;
+        match bound {
+            Ok(b) => Some(b),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        }
+    };
     let opts = crate::agent::Options {
         state_dir: args.state_dir,
         socket: socket.clone(),
@@ -421,13 +455,41 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         Ok(a) => a,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
+            if let Some((_, p)) = &plugin {
+                let _ = std::fs::remove_file(p);
+            }
             return Err(e);
         }
     };
     crate::agent::spawn_resync(agent.clone(), opts.resync);
     crate::agent::spawn_dns_updater(agent.clone());
+    if let Some((l, path)) = plugin {
+        for id in agent.lock().await.docker_unnamed() {
+            crate::docker::spawn_namer(agent.clone(), args.docker_host.clone(), id);
+        }
+        tracing::info!(socket = %path.display(), "serving the Docker plugin API");
+        let (a, host) = (agent.clone(), args.docker_host.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::docker::serve(a, l, host).await {
+                tracing::error!("docker plugin: {e}");
+            }
+        });
+        // Docker finds a plugin by its socket file: take it away when the agent stops.
+        let r = serve_api(agent, listener, &socket).await;
+        let _ = std::fs::remove_file(&path);
+        return r;
+    }
+    serve_api(agent, listener, &socket).await
+}
+
+async fn serve_api(
+    agent: crate::agent::Shared,
+    listener: tokio::net::UnixListener,
+    socket: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
     tracing::info!(socket = %socket.display(), "serving the API");
-    crate::api::serve(agent, listener, &socket)
+    crate::api::serve(agent, listener, socket)
         .await
         .context("serve the API")
 }

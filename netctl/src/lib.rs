@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod datapath;
 pub mod dns;
+pub mod docker;
 pub mod ipam;
 pub mod maglev;
 pub mod model;

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ipam;
 
+pub mod docker;
+
 /// The bridge name option Docker users pass (`-o com.docker.network.bridge.name=NAME`).
 pub const OPT_BRIDGE_NAME: &str = "com.docker.network.bridge.name";
 
@@ -36,6 +38,50 @@ pub struct Network {
     /// The Linux bridge that holds the gateway address.
     pub bridge: String,
     /// RFC 3339 creation time.
+    pub created: String,
+    /// Set when Docker created this network through the plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerNetwork>,
+}
+
+/// What netctl keeps of a network Docker created (`docker network create -d netctl`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerNetwork {
+    /// Docker's network id (64 hex digits).
+    pub id: String,
+}
+
+impl Network {
+    /// The name a Docker network has until the agent learns its Docker name.
+    pub fn provisional_name(docker_id: &str) -> String {
+        format!("docker-{}", &docker_id[..docker_id.len().min(12)])
+    }
+}
+
+/// What netctl keeps of an endpoint Docker created. Docker owns the container side: it moves
+/// the peer (`peer`) into the container's namespace at Join and configures it there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerEndpoint {
+    /// The peer's name in the agent's namespace until Docker moves it.
+    pub peer: String,
+    /// The container's namespace (Docker's SandboxKey) while joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_key: Option<String>,
+}
+
+/// An address pool the IPAM plugin gave Docker (`RequestPool`), with the addresses it handed
+/// out of it (`RequestAddress`). A network Docker then creates on the pool's subnet is a
+/// netctl network; the pool's addresses and the network's endpoints and VIPs never collide.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// `netctl/<subnet>`.
+    pub id: String,
+    pub subnet: Ipv4Net,
+    /// Docker's `--ip-range`: addresses without a request come from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<Ipv4Net>,
+    /// Addresses handed out (gateway, aux addresses, endpoints), by what asked for them.
+    pub addresses: BTreeMap<Ipv4Addr, String>,
     pub created: String,
 }
 
@@ -63,6 +109,9 @@ pub struct Endpoint {
     pub aliases: Vec<String>,
     /// Whether this endpoint gave the sandbox its default route (first network connected).
     pub default_route: bool,
+    /// Set when Docker created this endpoint through the plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerEndpoint>,
 }
 
 /// How a service is reached.
@@ -139,6 +188,9 @@ pub struct State {
     /// Keyed by service name.
     #[serde(default)]
     pub services: BTreeMap<String, Service>,
+    /// IPAM pools handed to Docker, keyed by pool id.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
 }
 
 /// One change to the desired state; a planned operation is a list of these, committed to the
@@ -153,6 +205,8 @@ pub enum Change {
     DeleteEndpoint(String),
     PutService(Service),
     DeleteService(String),
+    PutPool(Pool),
+    DeletePool(String),
 }
 
 /// `netctl service add` as the API receives it.
@@ -227,6 +281,14 @@ impl Index {
         }
         for sv in state.services.values() {
             idx.add_service(sv);
+        }
+        for p in state.pools.values() {
+            if let Some(n) = state.networks.values().find(|n| n.subnet == p.subnet) {
+                let used = idx.used.entry(n.name.clone()).or_default();
+                for a in p.addresses.keys() {
+                    used.entry(*a).or_insert(AddrUse::Reserved);
+                }
+            }
         }
         idx
     }
@@ -499,7 +561,7 @@ fn not_on_network(target: &str, network: &str, service: &str) -> ModelError {
 
 fn already_backend(target: &str, service: &str) -> ModelError {
     ModelError::Conflict(format!(
-        "sandbox {target:?} is already a backend of service {service:?}"
+        "{target} is already a backend of service {service:?}"
     ))
 }
 
@@ -598,6 +660,12 @@ impl State {
                 Change::DeleteService(name) => {
                     self.services.remove(name);
                 }
+                Change::PutPool(p) => {
+                    self.pools.insert(p.id.clone(), p.clone());
+                }
+                Change::DeletePool(id) => {
+                    self.pools.remove(id);
+                }
             }
         }
     }
@@ -608,6 +676,18 @@ impl State {
         req: &CreateNetwork,
         host: &HostNet,
         now: &str,
+    ) -> Result<Vec<Change>, ModelError> {
+        self.plan_network(req, host, now, None)
+    }
+
+    /// `netctl network create`, or Docker's CreateNetwork when `docker` (Docker's network id)
+    /// is given: then the subnet may be the subnet of an IPAM pool netctl handed Docker.
+    pub(crate) fn plan_network(
+        &self,
+        req: &CreateNetwork,
+        host: &HostNet,
+        now: &str,
+        docker: Option<&str>,
     ) -> Result<Vec<Change>, ModelError> {
         validate_name("name", &req.name)?;
         if self.networks.contains_key(&req.name) {
@@ -661,11 +741,21 @@ impl State {
                         format!("overlaps host route or address {p}; choose another subnet"),
                     ));
                 }
+                if let Some(p) = self.pools.values().find(|p| {
+                    ipam::overlaps(p.subnet, subnet) && !(docker.is_some() && p.subnet == subnet)
+                }) {
+                    return Err(invalid(
+                        "subnet",
+                        s,
+                        format!("overlaps {}, an address pool handed to Docker", p.subnet),
+                    ));
+                }
                 subnet
             }
             None => {
                 let mut taken = host_prefixes.clone();
                 taken.extend(self.networks.values().map(|n| n.subnet));
+                taken.extend(self.pools.values().map(|p| p.subnet));
                 ipam::choose_subnet(&taken).ok_or_else(|| {
                     ModelError::Conflict(
                         "no free subnet left in the default pools (172.17.0.0/16 to \
@@ -809,6 +899,7 @@ impl State {
             internal: req.internal,
             bridge,
             created: now.to_string(),
+            docker: docker.map(|id| DockerNetwork { id: id.to_string() }),
         })])
     }
 
@@ -1106,6 +1197,7 @@ impl State {
             ifname: format!("eth{index}"),
             aliases,
             default_route: !net.internal && !others.iter().any(|e| e.default_route),
+            docker: None,
         })])
     }
 
@@ -1360,28 +1452,18 @@ impl State {
         Ok(vec![Change::DeleteService(name.to_string())])
     }
 
-    /// Plans `netctl service attach SERVICE SANDBOX`: the sandbox's endpoint on the service's
-    /// network becomes a backend (appended; id = the lowest id no backend of any service
+    /// Plans `netctl service attach SERVICE TARGET`: the endpoint TARGET names on the
+    /// service's network (a sandbox name, an endpoint id or unique prefix, or an endpoint
+    /// address; see [`State::resolve_target`]) becomes a backend (appended; id = the lowest id no backend of any service
     /// uses).
     pub fn plan_attach(&self, service: &str, target: &str) -> Result<Vec<Change>, ModelError> {
         let sv = self
             .services
             .get(service)
             .ok_or_else(|| not_found("service", service))?;
-        if !self.sandboxes.contains_key(target) {
-            return Err(not_found("sandbox", target));
-        }
-        let ep = self
-            .endpoints
-            .values()
-            .find(|e| e.network == sv.network && e.sandbox == target)
-            .ok_or_else(|| not_on_network(target, &sv.network, service))?;
-        if sv
-            .backends
-            .iter()
-            .any(|b| b.sandbox == target || b.endpoint == ep.id)
-        {
-            return Err(already_backend(target, service));
+        let ep = self.resolve_target(&sv.network, target, service)?;
+        if sv.backends.iter().any(|b| b.endpoint == ep.id) {
+            return Err(already_backend(&self.target_label(target), service));
         }
         let mut idx = Index {
             backend_ids: self
@@ -1397,28 +1479,27 @@ impl State {
         sv.backends.push(Backend {
             id,
             endpoint: ep.id.clone(),
-            sandbox: target.to_string(),
+            sandbox: ep.sandbox.clone(),
             ip: ep.ip,
         });
         Ok(vec![Change::PutService(sv)])
     }
 
-    /// Plans `netctl service detach SERVICE SANDBOX`.
+    /// Plans `netctl service detach SERVICE TARGET` (TARGET as for attach).
     pub fn plan_detach(&self, service: &str, target: &str) -> Result<Vec<Change>, ModelError> {
         let sv = self
             .services
             .get(service)
             .ok_or_else(|| not_found("service", service))?;
-        if !self.sandboxes.contains_key(target) {
-            return Err(not_found("sandbox", target));
-        }
-        if !sv.backends.iter().any(|b| b.sandbox == target) {
+        let ep = self.resolve_target(&sv.network, target, service)?;
+        if !sv.backends.iter().any(|b| b.endpoint == ep.id) {
             return Err(ModelError::Conflict(format!(
-                "sandbox {target:?} is not a backend of service {service:?}"
+                "{} is not a backend of service {service:?}",
+                self.target_label(target)
             )));
         }
         let mut sv = sv.clone();
-        sv.backends.retain(|b| b.sandbox != target);
+        sv.backends.retain(|b| b.endpoint != ep.id);
         Ok(vec![Change::PutService(sv)])
     }
 }
@@ -2705,7 +2786,11 @@ mod tests {
         connect(&mut st, "m", "t", None);
         add_svc(&mut st, &svc("web", "n", &["80"]));
         assert_not_found(st.plan_attach("x", "s"), "service", "x");
-        assert_not_found(st.plan_attach("web", "x"), "sandbox", "x");
+        assert_not_found(
+            st.plan_attach("web", "x"),
+            "sandbox, endpoint id or endpoint address",
+            "x",
+        );
         assert_conflict(
             st.plan_attach("web", "t"),
             &[
@@ -2730,7 +2815,11 @@ mod tests {
         add_svc(&mut st, &svc("web", "n", &["80"]));
         attach(&mut st, "web", "s");
         assert_not_found(st.plan_detach("x", "s"), "service", "x");
-        assert_not_found(st.plan_detach("web", "x"), "sandbox", "x");
+        assert_not_found(
+            st.plan_detach("web", "x"),
+            "sandbox, endpoint id or endpoint address",
+            "x",
+        );
         assert_conflict(
             st.plan_detach("web", "t"),
             &["sandbox \"t\" is not a backend of service \"web\""],

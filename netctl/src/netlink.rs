@@ -653,6 +653,100 @@ impl Netlink {
         Ok((index, changed))
     }
 
+    /// The veth of a Docker endpoint: the host side `host` on `bridge` (left down, as in
+    /// `ensure_veth`), the peer `peer` with `mac` left in this namespace for Docker to move
+    /// into the container. Docker owns the peer once it has moved it, so an existing host
+    /// side is only checked (veth, on the bridge, no IPv6); a missing one is created only if
+    /// `create`. Returns (host-side ifindex, changed), or None if missing and not created.
+    pub async fn ensure_docker_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        bridge: &str,
+        mac: [u8; 6],
+        create: bool,
+    ) -> Result<Option<(u32, bool)>, NetlinkError> {
+        check_ifname("ensure veth", host)?;
+        check_ifname("ensure veth", peer)?;
+        let bridge_index = self
+            .get_link(bridge)
+            .await?
+            .ok_or_else(|| {
+                NetlinkError::conflict(
+                    "ensure veth",
+                    host,
+                    format!("bridge {bridge} does not exist"),
+                )
+            })?
+            .header
+            .index;
+        let mut changed = false;
+        let link = match self.get_link(host).await? {
+            Some(h) if link_kind(&h) != Some(&InfoKind::Veth) => {
+                return Err(NetlinkError::conflict(
+                    "ensure veth",
+                    host,
+                    format!("link exists but is not a veth ({:?})", link_kind(&h)),
+                ));
+            }
+            Some(h) => h,
+            None if !create => return Ok(None),
+            None => {
+                // Leftovers of an interrupted earlier attempt.
+                self.delete_link(peer).await?;
+                info!(veth = %host, peer, "creating veth pair for Docker");
+                self.handle
+                    .link()
+                    .add(LinkVeth::new(host, peer).build())
+                    .execute()
+                    .await
+                    .map_err(|e| NetlinkError::rtnl("create veth", host, e))?;
+                let made = async {
+                    let p = self.get_link(peer).await?.ok_or_else(|| {
+                        NetlinkError::conflict("create veth", peer, "peer missing")
+                    })?;
+                    self.set_link(
+                        "set mac of",
+                        peer,
+                        LinkUnspec::new_with_index(p.header.index)
+                            .address(mac.to_vec())
+                            .build(),
+                    )
+                    .await?;
+                    self.get_link(host)
+                        .await?
+                        .ok_or_else(|| NetlinkError::conflict("create veth", host, "vanished"))
+                }
+                .await;
+                match made {
+                    Ok(h) => {
+                        changed = true;
+                        h
+                    }
+                    Err(e) => {
+                        let _ = self.delete_link(host).await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let index = link.header.index;
+        changed |= disable_ipv6(host)?;
+        if link_controller(&link) != Some(bridge_index) {
+            info!(veth = %host, bridge, "attaching to bridge");
+            self.set_link(
+                "attach to bridge",
+                host,
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge_index)
+                    .build(),
+            )
+            .await?;
+            changed = true;
+        }
+        Ok(Some((index, changed)))
+    }
+
     /// Creates the pair, moves and configures the peer; deletes the pair on any failure.
     async fn create_veth(&self, spec: &VethSpec) -> Result<(), NetlinkError> {
         let tail_start = spec.host_ifname.len().saturating_sub(12);

@@ -341,6 +341,7 @@ mod tests {
             internal,
             bridge: format!("netctl{id}"),
             created: String::new(),
+            docker: None,
         }
     }
 
@@ -355,6 +356,7 @@ mod tests {
             host_ifname: format!("nc{id}"),
             aliases: vec![],
             default_route: true,
+            docker: None,
         }
     }
 

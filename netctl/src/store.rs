@@ -21,6 +21,8 @@ const NETWORKS: TableDefinition<&str, &str> = TableDefinition::new("networks");
 const SANDBOXES: TableDefinition<&str, &str> = TableDefinition::new("sandboxes");
 const ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("endpoints");
 const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
+/// Address pools handed to Docker by the IPAM plugin, by pool id.
+const POOLS: TableDefinition<&str, &str> = TableDefinition::new("pools");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_KEY: &str = "schema_version";
 
@@ -152,7 +154,7 @@ impl Store {
                 }
                 Some(_) => {}
             }
-            for def in [NETWORKS, SANDBOXES, ENDPOINTS, SERVICES] {
+            for def in [NETWORKS, SANDBOXES, ENDPOINTS, SERVICES, POOLS] {
                 txn.open_table(def).map_err(|e| self.db_err(e))?;
             }
         }
@@ -178,6 +180,10 @@ impl Store {
         for (key, sv) in self.read_table::<crate::model::Service>(&txn, SERVICES, "services")? {
             self.check_key("services", &key, &sv.name)?;
             state.services.insert(key, sv);
+        }
+        for (key, p) in self.read_table::<crate::model::Pool>(&txn, POOLS, "pools")? {
+            self.check_key("pools", &key, &p.id)?;
+            state.pools.insert(key, p);
         }
         Ok(state)
     }
@@ -235,6 +241,7 @@ impl Store {
             let mut sandboxes = txn.open_table(SANDBOXES).map_err(|e| self.db_err(e))?;
             let mut endpoints = txn.open_table(ENDPOINTS).map_err(|e| self.db_err(e))?;
             let mut services = txn.open_table(SERVICES).map_err(|e| self.db_err(e))?;
+            let mut pools = txn.open_table(POOLS).map_err(|e| self.db_err(e))?;
             for (i, c) in changes.iter().enumerate() {
                 #[cfg(test)]
                 if i >= self.fail_after.load(std::sync::atomic::Ordering::SeqCst) {
@@ -284,6 +291,15 @@ impl Store {
                     }
                     Change::DeleteService(name) => {
                         services.remove(name.as_str()).map_err(|e| self.db_err(e))?;
+                    }
+                    Change::PutPool(p) => {
+                        let v = self.encode(p)?;
+                        pools
+                            .insert(p.id.as_str(), v.as_str())
+                            .map_err(|e| self.db_err(e))?;
+                    }
+                    Change::DeletePool(id) => {
+                        pools.remove(id.as_str()).map_err(|e| self.db_err(e))?;
                     }
                 }
             }

@@ -111,9 +111,15 @@ impl Host {
             );
             run_ok("ip", &["-n", &peer, "link", "set", &u1, "up"]);
         }
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        // Agents of tests serve no Docker plugin unless the test names one: they would all
+        // want /run/docker/plugins/netctl.sock.
+        if !args.iter().any(|a| a == "--docker-plugin") {
+            args.extend(["--docker-plugin".to_owned(), "off".to_owned()]);
+        }
         let mut h = Host {
             uplink,
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args,
             socket: dir.join("netctl.sock"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/netctl-test-{prefix}")),
             prefix,

@@ -87,6 +87,8 @@ impl NetctlSys {
             .args(["--resync-interval", "86400", "--conntrack-size", "1048576"])
             // Tables for the largest size the bench programs.
             .args(["--max-services", "131072"])
+            // The bench agent is not Docker's plugin.
+            .args(["--docker-plugin", "off"])
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -728,28 +728,33 @@ impl Agent {
                     return Err(e.into());
                 }
             }
-            // Entry and programs first, then the link comes up: no packet of the new
-            // endpoint ever crosses the veth unchecked.
-            let ready = match a.sync_maps() {
-                Ok(_) => {
-                    a.nl.ensure_up(&ep2.host_ifname)
-                        .await
-                        .map_err(AgentError::from)
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ready {
-                a.ifindex.remove(&ep2.host_ifname);
-                let _ = a.nl.delete_link(&ep2.host_ifname).await;
-                let _ = a.sync_maps();
-                return Err(e);
-            }
-            Ok(())
+            a.bring_up(&ep2.host_ifname).await
         })
         .await?;
         self.sync_dns_logged().await;
         tracing::info!(network = %ep.network, sandbox = %ep.sandbox, ip = %ep.ip, "connected");
         Ok(ep)
+    }
+
+    /// The last step of making an endpoint: its map entry and programs first, then its host
+    /// veth comes up, so no packet ever crosses the veth unchecked. On failure the veth is
+    /// deleted and the maps forget it.
+    async fn bring_up(&mut self, host_ifname: &str) -> Result<()> {
+        let ready = match self.sync_maps() {
+            Ok(_) => self
+                .nl
+                .ensure_up(host_ifname)
+                .await
+                .map(|_| ())
+                .map_err(AgentError::from),
+            Err(e) => Err(e),
+        };
+        if ready.is_err() {
+            self.ifindex.remove(host_ifname);
+            let _ = self.nl.delete_link(host_ifname).await;
+            let _ = self.sync_maps();
+        }
+        ready
     }
 
     pub async fn disconnect(&mut self, network: &str, sandbox: &str) -> Result<()> {

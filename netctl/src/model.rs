@@ -705,57 +705,13 @@ impl State {
             ));
         }
 
-        // The default route (prefix length 0) is not an overlap, as in Docker.
-        let host_prefixes: Vec<Ipv4Net> = host
-            .prefixes
-            .iter()
-            .copied()
-            .filter(|p| p.prefix_len() > 0)
-            .collect();
-
         let subnet = match req.subnet.as_deref() {
             Some(s) => {
-                let subnet = parse_prefix("subnet", s)?;
-                if subnet.prefix_len() > 30 {
-                    return Err(invalid(
-                        "subnet",
-                        s,
-                        "prefix is too long; use /30 or shorter to leave room for a gateway and endpoints",
-                    ));
-                }
-                if let Some(n) = self
-                    .networks
-                    .values()
-                    .find(|n| ipam::overlaps(n.subnet, subnet))
-                {
-                    return Err(invalid(
-                        "subnet",
-                        s,
-                        format!("overlaps subnet {} of network {:?}", n.subnet, n.name),
-                    ));
-                }
-                if let Some(p) = host_prefixes.iter().find(|p| ipam::overlaps(**p, subnet)) {
-                    return Err(invalid(
-                        "subnet",
-                        s,
-                        format!("overlaps host route or address {p}; choose another subnet"),
-                    ));
-                }
-                if let Some(p) = self.pools.values().find(|p| {
-                    ipam::overlaps(p.subnet, subnet) && !(docker.is_some() && p.subnet == subnet)
-                }) {
-                    return Err(invalid(
-                        "subnet",
-                        s,
-                        format!("overlaps {}, an address pool handed to Docker", p.subnet),
-                    ));
-                }
-                subnet
+                let own_pool = docker.and_then(|_| s.parse::<Ipv4Net>().ok());
+                self.check_free_subnet("subnet", s, host, own_pool)?
             }
             None => {
-                let mut taken = host_prefixes.clone();
-                taken.extend(self.networks.values().map(|n| n.subnet));
-                taken.extend(self.pools.values().map(|p| p.subnet));
+                let taken = self.taken_subnets(host);
                 ipam::choose_subnet(&taken).ok_or_else(|| {
                     ModelError::Conflict(
                         "no free subnet left in the default pools (172.17.0.0/16 to \
@@ -901,6 +857,74 @@ impl State {
             created: now.to_string(),
             docker: docker.map(|id| DockerNetwork { id: id.to_string() }),
         })])
+    }
+
+    /// Subnets a new network or pool may not overlap: the host's routes and addresses (not
+    /// its default route, as in Docker), netctl's networks and the pools handed to Docker.
+    fn taken_subnets(&self, host: &HostNet) -> Vec<Ipv4Net> {
+        let mut taken: Vec<Ipv4Net> = host
+            .prefixes
+            .iter()
+            .copied()
+            .filter(|p| p.prefix_len() > 0)
+            .collect();
+        taken.extend(self.networks.values().map(|n| n.subnet));
+        taken.extend(self.pools.values().map(|p| p.subnet));
+        taken
+    }
+
+    /// A subnet given as `field` = `s` for a new network or pool: short enough for a gateway
+    /// and endpoints, and overlapping nothing in [`State::taken_subnets`] except `own_pool`
+    /// (the pool a Docker network is created on).
+    fn check_free_subnet(
+        &self,
+        field: &'static str,
+        s: &str,
+        host: &HostNet,
+        own_pool: Option<Ipv4Net>,
+    ) -> Result<Ipv4Net, ModelError> {
+        let subnet = parse_prefix(field, s)?;
+        if subnet.prefix_len() > 30 {
+            return Err(invalid(
+                field,
+                s,
+                "prefix is too long; use /30 or shorter to leave room for a gateway and endpoints",
+            ));
+        }
+        if let Some(n) = self
+            .networks
+            .values()
+            .find(|n| ipam::overlaps(n.subnet, subnet))
+        {
+            return Err(invalid(
+                field,
+                s,
+                format!("overlaps subnet {} of network {:?}", n.subnet, n.name),
+            ));
+        }
+        if let Some(p) = host
+            .prefixes
+            .iter()
+            .find(|p| p.prefix_len() > 0 && ipam::overlaps(**p, subnet))
+        {
+            return Err(invalid(
+                field,
+                s,
+                format!("overlaps host route or address {p}; choose another subnet"),
+            ));
+        }
+        if let Some(p) = self
+            .pools
+            .values()
+            .find(|p| ipam::overlaps(p.subnet, subnet) && Some(p.subnet) != own_pool)
+        {
+            return Err(invalid(
+                field,
+                s,
+                format!("overlaps pool {}, handed to Docker", p.id),
+            ));
+        }
+        Ok(subnet)
     }
 
     /// Plans `netctl network rm`: refused while endpoints remain, then while services remain

@@ -226,21 +226,11 @@ impl Agent {
         self.create_with(changes, async move |a: &mut Agent| {
             let n = a.state.networks[&ep2.network].clone();
             a.nl.ensure_bridge(&n.bridge, gateway_net(&n)).await?;
-            let made = a.ensure_docker_veth(&ep2, true).await;
-            let ready = match made {
-                Ok(_) => match a.sync_maps() {
-                    Ok(_) => a.nl.ensure_up(&ep2.host_ifname).await.map_err(Into::into),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ready {
-                a.ifindex.remove(&ep2.host_ifname);
+            if let Err(e) = a.ensure_docker_veth(&ep2, true).await {
                 let _ = a.nl.delete_link(&ep2.host_ifname).await;
-                let _ = a.sync_maps();
                 return Err(e);
             }
-            Ok(())
+            a.bring_up(&ep2.host_ifname).await
         })
         .await?;
         let n = &self.state.networks[&ep.network];

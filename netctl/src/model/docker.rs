@@ -20,63 +20,13 @@ impl State {
         host: &HostNet,
         now: &str,
     ) -> Result<(Pool, Vec<Change>), ModelError> {
-        let host_prefixes: Vec<Ipv4Net> = host
-            .prefixes
-            .iter()
-            .copied()
-            .filter(|p| p.prefix_len() > 0)
-            .collect();
         let subnet = match pool {
-            Some(s) => {
-                let subnet = parse_prefix("Pool", s)?;
-                if subnet.prefix_len() > 30 {
-                    return Err(invalid(
-                        "Pool",
-                        s,
-                        "prefix is too long; use /30 or shorter to leave room for a gateway and endpoints",
-                    ));
-                }
-                if let Some(n) = self
-                    .networks
-                    .values()
-                    .find(|n| ipam::overlaps(n.subnet, subnet))
-                {
-                    return Err(invalid(
-                        "Pool",
-                        s,
-                        format!("overlaps subnet {} of network {:?}", n.subnet, n.name),
-                    ));
-                }
-                if let Some(p) = self
-                    .pools
-                    .values()
-                    .find(|p| ipam::overlaps(p.subnet, subnet))
-                {
-                    return Err(invalid(
-                        "Pool",
-                        s,
-                        format!("overlaps pool {} already handed to Docker", p.id),
-                    ));
-                }
-                if let Some(p) = host_prefixes.iter().find(|p| ipam::overlaps(**p, subnet)) {
-                    return Err(invalid(
-                        "Pool",
-                        s,
-                        format!("overlaps host route or address {p}; choose another subnet"),
-                    ));
-                }
-                subnet
-            }
-            None => {
-                let mut taken = host_prefixes;
-                taken.extend(self.networks.values().map(|n| n.subnet));
-                taken.extend(self.pools.values().map(|p| p.subnet));
-                ipam::choose_subnet(&taken).ok_or_else(|| {
-                    ModelError::Conflict(
-                        "no free subnet left in the default pools; pass --subnet".to_string(),
-                    )
-                })?
-            }
+            Some(s) => self.check_free_subnet("Pool", s, host, None)?,
+            None => ipam::choose_subnet(&self.taken_subnets(host)).ok_or_else(|| {
+                ModelError::Conflict(
+                    "no free subnet left in the default pools; pass --subnet".to_string(),
+                )
+            })?,
         };
         let ip_range = match sub_pool {
             Some(s) => {
@@ -423,7 +373,7 @@ mod tests {
         let e = err(st.plan_request_pool(Some("172.17.5.0/24"), None, &HostNet::default(), NOW));
         assert!(
             e.starts_with(
-                "Pool: invalid value \"172.17.5.0/24\": overlaps pool netctl/172.17.0.0/16"
+                "Pool: invalid value \"172.17.5.0/24\": overlaps pool netctl/172.17.0.0/16, handed to Docker"
             ),
             "{e}"
         );
@@ -443,7 +393,10 @@ mod tests {
             ..Default::default()
         };
         let e = err(st.plan_create_network(&native, &HostNet::default(), NOW));
-        assert!(e.contains("an address pool handed to Docker"), "{e}");
+        assert!(
+            e.contains("overlaps pool netctl/172.18.0.0/16, handed to Docker"),
+            "{e}"
+        );
         docker_net(&mut st, "172.18.0.0/16");
         // Released pools are free again.
         let c = st.plan_release_pool(&a.id).unwrap();

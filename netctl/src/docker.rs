@@ -257,6 +257,7 @@ async fn call(
     UrlPath(method): UrlPath<String>,
     body: Bytes,
 ) -> Response {
+    let started = std::time::Instant::now();
     let reply = if http == Method::POST {
         dispatch(&c, &method, &body).await
     } else {
@@ -265,6 +266,7 @@ async fn call(
             format!("{method}: plugin calls are POST, not {http}"),
         ))
     };
+    tracing::debug!(call = %method, us = started.elapsed().as_micros() as u64, ok = reply.is_ok(), "docker: call");
     match reply {
         Ok(v) => answer(StatusCode::OK, v),
         Err(e) => {

@@ -6,7 +6,11 @@
 //! prefix (`t<pid>x<n>`), so two runs of the suite (different pids) and two tests of one run
 //! (different n) never share a name. Dropping the host stops its agent and removes every
 //! namespace, pin and file it made, also when the test failed.
+//!
+//! [`docker`] adds a real dockerd per test, in the host's namespace, talking to the host's
+//! agent as its network and IPAM plugin ([`Host::with_docker`]).
 
+pub mod docker;
 pub mod packet;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -14,14 +18,20 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix no other test of any run uses: `t<pid>x<n>`, n counting up within this process.
+pub fn unique_prefix() -> String {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    format!("t{}x{n}", std::process::id())
+}
 
 /// The netctl binary under test: `$NETCTL_BIN` (set by `cargo xtask test`), else the
 /// workspace's debug build.
@@ -78,8 +88,14 @@ impl Host {
     }
 
     fn build(uplink: bool, args: &[&str]) -> Host {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("t{}x{n}", std::process::id());
+        let mut h = Self::without_agent(uplink, args);
+        h.start_agent();
+        h
+    }
+
+    /// The host's namespace (and uplink), with no agent yet: [`Host::start_agent`] starts it.
+    fn without_agent(uplink: bool, args: &[&str]) -> Host {
+        let prefix = unique_prefix();
         let netns = format!("{prefix}h");
         let dir = std::env::temp_dir().join(format!("netctl-test-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -111,7 +127,7 @@ impl Host {
             );
             run_ok("ip", &["-n", &peer, "link", "set", &u1, "up"]);
         }
-        let mut h = Host {
+        Host {
             uplink,
             args: args.iter().map(|a| a.to_string()).collect(),
             socket: dir.join("netctl.sock"),
@@ -120,9 +136,7 @@ impl Host {
             netns,
             dir,
             agent: None,
-        };
-        h.start_agent();
-        h
+        }
     }
 
     /// A name for a sandbox or network of this test.
@@ -131,8 +145,15 @@ impl Host {
     }
 
     /// Starts `netctl up` inside the host namespace and waits until it answers.
+    ///
+    /// Unless the test's arguments name a Docker plugin, the agent gets `--docker-plugin off`:
+    /// otherwise every test agent would serve `/run/docker/plugins/netctl.sock`.
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
+        let mut args = self.args.clone();
+        if !args.iter().any(|a| a == "--docker-plugin") && agent_has_docker_plugin() {
+            args.extend(["--docker-plugin".to_owned(), "off".to_owned()]);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -152,7 +173,7 @@ impl Host {
             } else {
                 vec![]
             })
-            .args(&self.args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -302,8 +323,16 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // Nothing here may panic: a panic while the test unwinds aborts the whole test
+        // process, and every other test's clean-up with it.
         if self.agent.is_some() {
-            let _ = self.netctl(&["down"]);
+            let _ = Command::new(netctl_bin())
+                .arg("down")
+                .env("NETCTL_SOCKET", &self.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         self.kill_agent();
         // Whatever `down` could not remove (or the agent was dead): every namespace of this
@@ -345,6 +374,56 @@ impl Drop for Host {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether the agent under test has `netctl up --docker-plugin` (binaries built before the
+/// Docker plugin do not; they must not get the flag).
+fn agent_has_docker_plugin() -> bool {
+    static KNOWS: OnceLock<bool> = OnceLock::new();
+    *KNOWS.get_or_init(|| {
+        let o = Command::new(netctl_bin())
+            .args(["up", "--help"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run {} up --help: {e}", netctl_bin().display()));
+        String::from_utf8_lossy(&o.stdout).contains("--docker-plugin")
+    })
+}
+
+/// A bare network namespace `<prefix>n` (no agent), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = format!("{prefix}n");
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        run_ok("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The names of the links in a namespace (without the `@peer` suffix of veths).
+pub fn links(netns: &str) -> Vec<String> {
+    let out = run_ok("ip", &["-n", netns, "-o", "link", "show"]);
+    let mut v: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|s| s.trim().split('@').next().unwrap_or("").to_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// Removes a directory tree on bpffs (unlinking a pin releases the object).

@@ -6,7 +6,11 @@
 //! prefix (`t<pid>x<n>`), so two runs of the suite (different pids) and two tests of one run
 //! (different n) never share a name. Dropping the host stops its agent and removes every
 //! namespace, pin and file it made, also when the test failed.
+//!
+//! [`docker`] adds a real dockerd per test, in the host's namespace, talking to the host's
+//! agent as its network and IPAM plugin ([`Host::with_docker`]).
 
+pub mod docker;
 pub mod packet;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -22,6 +26,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix no other test of any run uses: `t<pid>x<n>`, n counting up within this process.
+pub fn unique_prefix() -> String {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    format!("t{}x{n}", std::process::id())
+}
 
 /// The netctl binary under test: `$NETCTL_BIN` (set by `cargo xtask test`), else the
 /// workspace's debug build.
@@ -78,8 +88,14 @@ impl Host {
     }
 
     fn build(uplink: bool, args: &[&str]) -> Host {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("t{}x{n}", std::process::id());
+        let mut h = Self::without_agent(uplink, args);
+        h.start_agent();
+        h
+    }
+
+    /// The host's namespace (and uplink), with no agent yet: [`Host::start_agent`] starts it.
+    fn without_agent(uplink: bool, args: &[&str]) -> Host {
+        let prefix = unique_prefix();
         let netns = format!("{prefix}h");
         let dir = std::env::temp_dir().join(format!("netctl-test-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -111,24 +127,16 @@ impl Host {
             );
             run_ok("ip", &["-n", &peer, "link", "set", &u1, "up"]);
         }
-        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        // Agents of tests serve no Docker plugin unless the test names one: they would all
-        // want /run/docker/plugins/netctl.sock.
-        if !args.iter().any(|a| a == "--docker-plugin") {
-            args.extend(["--docker-plugin".to_owned(), "off".to_owned()]);
-        }
-        let mut h = Host {
+        Host {
             uplink,
-            args,
+            args: args.iter().map(|a| a.to_string()).collect(),
             socket: dir.join("netctl.sock"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/netctl-test-{prefix}")),
             prefix,
             netns,
             dir,
             agent: None,
-        };
-        h.start_agent();
-        h
+        }
     }
 
     /// A name for a sandbox or network of this test.
@@ -137,8 +145,15 @@ impl Host {
     }
 
     /// Starts `netctl up` inside the host namespace and waits until it answers.
+    ///
+    /// Unless the test's arguments name a Docker plugin, the agent gets `--docker-plugin off`:
+    /// otherwise every test agent would serve `/run/docker/plugins/netctl.sock`.
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
+        let mut args = self.args.clone();
+        if !args.iter().any(|a| a == "--docker-plugin") {
+            args.extend(["--docker-plugin".to_owned(), "off".to_owned()]);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -158,7 +173,7 @@ impl Host {
             } else {
                 vec![]
             })
-            .args(&self.args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -308,8 +323,16 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // Nothing here may panic: a panic while the test unwinds aborts the whole test
+        // process, and every other test's clean-up with it.
         if self.agent.is_some() {
-            let _ = self.netctl(&["down"]);
+            let _ = Command::new(netctl_bin())
+                .arg("down")
+                .env("NETCTL_SOCKET", &self.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         self.kill_agent();
         // Whatever `down` could not remove (or the agent was dead): every namespace of this
@@ -351,6 +374,42 @@ impl Drop for Host {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A bare network namespace `<prefix>n` (no agent), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = format!("{prefix}n");
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        run_ok("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The names of the links in a namespace (without the `@peer` suffix of veths).
+pub fn links(netns: &str) -> Vec<String> {
+    let out = run_ok("ip", &["-n", netns, "-o", "link", "show"]);
+    let mut v: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|s| s.trim().split('@').next().unwrap_or("").to_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// Removes a directory tree on bpffs (unlinking a pin releases the object).

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,7 +32,19 @@ const TOOL_PACKAGES: &[&str] = &[
     "iptables",          // the tests check netctl made no rules; the bench's peer
     "nftables",          // likewise (`nft list ruleset`); the bench's other peer
     "fonts-dejavu-core", // the font of the bench's charts
+    "docker.io",         // dockerd and docker: the Docker plugin tests run their own dockerd
+    "busybox-static",    // the Docker tests' image is built from a static busybox
 ];
+/// Packages whose services must not run: the Docker tests start their own dockerd (with its
+/// own containerd) per test; a system dockerd would only add a bridge and iptables rules.
+/// apt-get install runs under a policy-rc.d that refuses every start, and on a systemd
+/// machine the units of these packages, when setup installed them, are disabled.
+const NO_SERVICE_PACKAGES: &[(&str, &[&str])] = &[
+    ("docker.io", &["docker.service", "docker.socket"]),
+    ("containerd", &["containerd.service"]),
+];
+/// Debian's hook that invoke-rc.d and deb-systemd-invoke ask before starting a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 /// The eBPF crate's binary target; netctl/build.rs expects this name.
 const EBPF_BIN: &str = "netctl";
@@ -214,16 +227,31 @@ impl Setup {
             run(apt_get().arg("update"), "apt-get update")?;
             self.apt_updated = true;
         }
-        run(
-            apt_get()
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing),
-            "apt-get install",
-        )?;
+        // Packages with services (pulled in as dependencies too) that were not there before.
+        let mut new_services = Vec::new();
+        for (pkg, units) in NO_SERVICE_PACKAGES {
+            if dpkg_version(pkg)?.is_none() {
+                new_services.push((*pkg, *units));
+            }
+        }
+        {
+            let _policy = NoServiceStarts::install()?;
+            run(
+                apt_get()
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing),
+                "apt-get install",
+            )?;
+        }
         for pkg in &missing {
             match dpkg_version(pkg)? {
                 Some(version) => println!("installed: {pkg} {version}"),
                 None => bail!("apt-get install succeeded but {pkg} is still not installed"),
+            }
+        }
+        for (pkg, units) in new_services {
+            if dpkg_version(pkg)?.is_some() {
+                disable_units(pkg, units)?;
             }
         }
         println!("(apt: {} s)", started.elapsed().as_secs());
@@ -355,6 +383,60 @@ impl Setup {
         }
         Ok(())
     }
+}
+
+/// A policy-rc.d that refuses every service start (exit 101) while it lives, unless the
+/// machine has one of its own (then that one decides, and stays).
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<Self> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(NoServiceStarts { created: false });
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask setup: no service starts while apt-get installs\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(NoServiceStarts { created: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.created
+            && let Err(e) = fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("warning: cannot remove {POLICY_RC_D}: {e}");
+        }
+    }
+}
+
+/// On a systemd machine, disables the units of a package setup just installed, so that its
+/// service does not start at the next boot either (the install itself started nothing).
+fn disable_units(pkg: &str, units: &[&str]) -> Result<()> {
+    if !Path::new("/run/systemd/system").is_dir() {
+        println!("{pkg}: service not started ({})", units.join(", "));
+        return Ok(());
+    }
+    run(
+        Command::new("systemctl")
+            .arg("disable")
+            .args(units)
+            .stdin(Stdio::null()),
+        "systemctl disable",
+    )?;
+    println!(
+        "{pkg}: service not started, and disabled ({})",
+        units.join(", ")
+    );
+    Ok(())
 }
 
 /// `Some(version)` if dpkg says the package is installed.

@@ -143,7 +143,8 @@ pub struct VethSpec {
     pub host_ifname: String,
     /// Bridge the host side is enslaved to.
     pub bridge: String,
-    /// Sandbox name: the namespace is /run/netns/<netns>.
+    /// Sandbox name: the namespace is /run/netns/<netns>; or, starting with `/`, the path
+    /// of a namespace file someone else made (Docker's SandboxKey).
     pub netns: String,
     /// Name inside the sandbox: "eth0", "eth1", ...
     pub ifname: String,
@@ -747,6 +748,22 @@ impl Netlink {
         Ok(Some((index, changed)))
     }
 
+    /// In a namespace someone else configures (a Docker container's): the lowest `ethN`
+    /// that is free, and whether a default route exists.
+    pub async fn free_ifname_and_default(&self) -> Result<(String, bool), NetlinkError> {
+        let names = self.link_names().await?;
+        let ifname = (0u32..)
+            .map(|i| format!("eth{i}"))
+            .find(|n| !names.contains(n))
+            .expect("a free ethN");
+        let has_default = self
+            .routes_v4_main()
+            .await?
+            .iter()
+            .any(|r| r.header.destination_prefix_length == 0);
+        Ok((ifname, has_default))
+    }
+
     /// Creates the pair, moves and configures the peer; deletes the pair on any failure.
     async fn create_veth(&self, spec: &VethSpec) -> Result<(), NetlinkError> {
         let tail_start = spec.host_ifname.len().saturating_sub(12);
@@ -911,7 +928,11 @@ impl Netlink {
 }
 
 fn netns_path(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
+    if name.starts_with('/') {
+        PathBuf::from(name)
+    } else {
+        Path::new(NETNS_DIR).join(name)
+    }
 }
 
 // The width of f_type differs between architectures, hence the cast.

@@ -497,6 +497,24 @@ fn containers_keep_talking_across_an_agent_restart() {
     assert!(d.ping("c3", ip1), "a new container reaches an old one");
     assert!(d.ping("c3", ip2));
     assert!(d.ping("c1", d.ip("c3", "net1")));
+
+    // `netctl down` takes every veth away; the next agent makes the containers' veths
+    // again, into the containers, and Docker can still disconnect them afterwards.
+    t.ok(&["down"]);
+    t.kill_agent();
+    assert!(!t.dockerd.ping("c1", ip2), "down removed the veths");
+    t.start_agent();
+    let d = &t.dockerd;
+    assert!(d.ping("c1", ip2), "connected again after netctl up");
+    assert!(d.ping("c3", ip1));
+    let veth = format!("nc{}", &d.endpoint_id("c3", "net1")[..12]);
+    assert!(links(&t.netns).contains(&veth));
+    d.ok(&["network", "disconnect", "net1", "c3"]);
+    assert!(
+        !links(&t.netns).contains(&veth),
+        "Docker's disconnect still works"
+    );
+    assert!(!d.ping("c3", ip1));
 }
 
 #[test]

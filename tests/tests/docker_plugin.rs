@@ -327,6 +327,24 @@ fn network_endpoint_join_leave_delete() {
     );
     assert!(e.contains("already in use"), "{e}");
 
+    // Drift: the container's veth deleted by hand is made again, into the container, by
+    // the next reconciliation (Docker owns the container side but will not redo it).
+    let host_veth = format!("nc{}", &EP_ID[..12]);
+    run_ok("ip", &["-n", &h.netns, "link", "del", &host_veth]);
+    assert!(!ping(&sb, Ipv4Addr::new(10, 81, 0, 128)));
+    let rep = h.json(&["reconcile"]);
+    assert!(netctl_tests::repaired(&rep) > 0, "{rep}");
+    assert!(ping(&sb, Ipv4Addr::new(10, 81, 0, 128)));
+    let inside = run_ok(
+        "ip",
+        &["-n", &cont, "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert!(inside.contains("10.81.0.128/24"), "{inside}");
+    let routes = run_ok("ip", &["-n", &cont, "route", "show", "default"]);
+    assert!(routes.contains("via 10.81.0.1 dev eth0"), "{routes}");
+    let rep = h.json(&["reconcile"]);
+    assert_eq!(netctl_tests::repaired(&rep), 0, "{rep}");
+
     // Anti-spoofing covers the container: another source address is dropped.
     let spoofed = h.drops("spoofed_ip");
     run_ok(
@@ -385,7 +403,6 @@ fn network_endpoint_join_leave_delete() {
         "NetworkDriver.DeleteEndpoint",
         json!({"NetworkID": NET_ID, "EndpointID": EP_ID}),
     );
-    let host_veth = format!("nc{}", &EP_ID[..12]);
     let links = run_ok("ip", &["-n", &h.netns, "-o", "link", "show"]);
     assert!(!links.contains(&host_veth), "{links}");
     assert!(
@@ -479,6 +496,14 @@ fn docker_state_survives_agent_kill() {
     let nv = h.json(&["network", "inspect", &net]);
     let nv = if nv.is_array() { nv[0].clone() } else { nv };
     assert_eq!(nv["endpoints"].as_array().unwrap().len(), 2, "{nv}");
+    // `netctl down` removes every kernel object; the next agent makes the container's
+    // veth again, into its namespace.
+    h.ok(&["down"]);
+    h.kill_agent();
+    assert!(!ping(&cont, ip));
+    h.start_agent();
+    assert!(ping(&cont, ip), "the container is connected again");
+
     // The pool still knows what it handed out.
     let e = call_err(
         &sock,

@@ -8,6 +8,7 @@ use ipnet::Ipv4Net;
 
 use super::{Agent, Result, gateway_net, now_rfc3339};
 use crate::model::{Change, CreateNetwork, Endpoint, ModelError, Network, Pool, parse_mac};
+use crate::netlink::{self, Netlink, VethSpec};
 
 /// What Docker's Join answer needs.
 pub struct Joined {
@@ -302,19 +303,50 @@ impl Agent {
         }
     }
 
-    /// Reconciliation of a Docker endpoint: its host side is adopted and repaired; a joined
-    /// endpoint whose veth is gone is reported (its container side is Docker's to make).
+    /// Reconciliation of a Docker endpoint: its host side is adopted and repaired. If the
+    /// veth of a joined endpoint is gone (deleted by hand, or `netctl down`) while the
+    /// container's namespace lives, the pair is made again with its peer in the container,
+    /// as Docker had it: the address, the MAC, the lowest free `ethN`, and the default route
+    /// via this network if the container has none (and the network is not internal).
     pub(super) async fn adopt_docker_veth(&mut self, ep: &Endpoint) -> Result<bool> {
         let changed = self.ensure_docker_veth(ep, false).await?;
-        let joined = ep.docker.as_ref().is_some_and(|d| d.sandbox_key.is_some());
-        if joined && !self.ifindex.contains_key(&ep.host_ifname) {
+        let key = ep.docker.as_ref().and_then(|d| d.sandbox_key.clone());
+        let Some(key) = key.filter(|_| !self.ifindex.contains_key(&ep.host_ifname)) else {
+            return Ok(changed);
+        };
+        if !netlink::netns_exists(&key) {
             return Err(ModelError::Conflict(format!(
-                "docker endpoint {}: its veth {} is gone; the container must reconnect \
-                 (docker network disconnect/connect)",
+                "docker endpoint {}: its veth {} and its container's namespace {key} are                  gone; Docker removes the endpoint when it sees the container stop",
                 ep.id, ep.host_ifname
             ))
             .into());
         }
-        Ok(changed)
+        let n = self
+            .state
+            .networks
+            .get(&ep.network)
+            .cloned()
+            .ok_or(ModelError::NotFound {
+                kind: "network",
+                name: ep.network.clone(),
+            })?;
+        let (ifname, has_default) = netlink::in_netns(&key, || async {
+            Netlink::new().await?.free_ifname_and_default().await
+        })
+        .await??;
+        let spec = VethSpec {
+            host_ifname: ep.host_ifname.clone(),
+            bridge: n.bridge.clone(),
+            netns: key.clone(),
+            ifname,
+            address: Ipv4Net::new(ep.ip, n.subnet.prefix_len()).expect("prefix of a subnet"),
+            mac: parse_mac(&ep.mac).unwrap_or(crate::model::mac_for(ep.ip)),
+            gateway: (!n.internal && !has_default).then_some(n.gateway),
+        };
+        tracing::warn!(endpoint = %ep.id, veth = %ep.host_ifname, netns = %key,
+            ifname = %spec.ifname, "docker: veth gone; making it again into the container");
+        let (idx, _) = self.nl.ensure_veth(&spec).await?;
+        self.ifindex.insert(ep.host_ifname.clone(), idx);
+        Ok(true)
     }
 }

@@ -93,6 +93,10 @@ pub struct NetworkView {
     /// Addresses that IPAM can hand out, and how many are in use.
     pub addresses_total: u64,
     pub addresses_used: u64,
+    /// The IPAM pool netctl handed Docker for this network's subnet, with the addresses
+    /// Docker holds from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_pool: Option<crate::model::Pool>,
 }
 
 /// A sandbox as `sandbox ls` shows it.
@@ -605,6 +609,12 @@ impl Agent {
                 .collect(),
             addresses_total: total,
             addresses_used: used,
+            docker_pool: self
+                .state
+                .pools
+                .values()
+                .find(|p| p.subnet == n.subnet)
+                .cloned(),
         }
     }
 

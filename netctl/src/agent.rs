@@ -45,6 +45,9 @@ pub struct Options {
     pub dns_upstreams: Vec<std::net::SocketAddr>,
     /// Services the tables are sized for (a Maglev row each).
     pub max_services: u32,
+    /// How long an address handed to Docker may stay without an endpoint before a
+    /// reconciliation reclaims it as leaked.
+    pub docker_address_grace: Duration,
 }
 
 impl Options {
@@ -300,10 +303,15 @@ impl Agent {
     pub async fn full_reconcile(&mut self) -> Report {
         let mut report = Report::default();
         let mut last_error = None;
+        let reclaimed = self.reclaim_docker_addresses();
         let mut note = |e: String| {
             tracing::warn!("reconcile: {e}");
             last_error = Some(e);
         };
+        match reclaimed {
+            Ok(n) => report.store.removed += n as u64,
+            Err(e) => note(e.to_string()),
+        }
         for n in self.state.networks.values() {
             match self.nl.ensure_bridge(&n.bridge, gateway_net(n)).await {
                 Ok((_, true)) => report.netlink.added += 1,

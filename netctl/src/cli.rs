@@ -142,6 +142,10 @@ pub struct UpArgs {
     /// The dockerd socket, which the agent asks for the names of the networks Docker creates.
     #[arg(long, default_value = "/var/run/docker.sock")]
     pub docker_host: PathBuf,
+    /// An address Docker was handed but put on no endpoint for this long is reclaimed as
+    /// leaked by a crash (at the next reconciliation).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub docker_address_grace: Duration,
 }
 
 fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -380,17 +384,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 table(
                     &["KIND", "ADDED", "UPDATED", "REMOVED"],
-                    [("netlink", r.netlink), ("maps", r.maps), ("links", r.links)]
-                        .iter()
-                        .map(|(k, d)| {
-                            vec![
-                                k.to_string(),
-                                d.added.to_string(),
-                                d.updated.to_string(),
-                                d.removed.to_string(),
-                            ]
-                        })
-                        .collect(),
+                    [
+                        ("netlink", r.netlink),
+                        ("maps", r.maps),
+                        ("links", r.links),
+                        ("store", r.store),
+                    ]
+                    .iter()
+                    .map(|(k, d)| {
+                        vec![
+                            k.to_string(),
+                            d.added.to_string(),
+                            d.updated.to_string(),
+                            d.removed.to_string(),
+                        ]
+                    })
+                    .collect(),
                 );
             }
             Ok(())
@@ -445,6 +454,7 @@ async fn up(socket: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         ct_closing: args.ct_timeout_closing,
         ct_udp: args.ct_timeout_udp,
         max_services: args.max_services,
+        docker_address_grace: args.docker_address_grace,
         dns_upstreams: if args.dns_upstream.is_empty() {
             crate::dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
         } else {

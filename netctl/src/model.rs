@@ -82,6 +82,10 @@ pub struct Pool {
     pub ip_range: Option<Ipv4Net>,
     /// Addresses handed out (gateway, aux addresses, endpoints), by what asked for them.
     pub addresses: BTreeMap<Ipv4Addr, String>,
+    /// When each address was handed out (seconds since the epoch), so that one whose
+    /// answer a crash lost can be reclaimed ([`State::plan_reclaim_addresses`]).
+    #[serde(default)]
+    pub handed_out: BTreeMap<Ipv4Addr, u64>,
     pub created: String,
 }
 

@@ -39,11 +39,14 @@ pub struct Report {
     pub netlink: Drift,
     pub maps: Drift,
     pub links: Drift,
+    /// Records repaired in the store: pool addresses a crash left handed out but unused.
+    #[serde(default)]
+    pub store: Drift,
 }
 
 impl Report {
     pub fn total(&self) -> u64 {
-        self.netlink.total() + self.maps.total() + self.links.total()
+        self.netlink.total() + self.maps.total() + self.links.total() + self.store.total()
     }
 }
 

@@ -537,9 +537,9 @@ pub fn transfer(
 /// Objects a reconciliation report (`netctl reconcile`, `status.reconcile.last`) says it
 /// created, fixed or removed.
 pub fn repaired(report: &Value) -> u64 {
-    ["netlink", "maps", "links"]
+    ["netlink", "maps", "links", "store"]
         .iter()
-        .flat_map(|k| ["added", "updated", "removed"].map(|f| report[k][f].as_u64().unwrap()))
+        .flat_map(|k| ["added", "updated", "removed"].map(|f| report[k][f].as_u64().unwrap_or(0)))
         .sum()
 }
 

@@ -518,3 +518,72 @@ fn docker_state_survives_agent_kill() {
     );
     assert!(e.contains("overlaps"), "{e}");
 }
+
+/// An address whose RequestAddress answer a crash cut off (Docker never uses nor releases
+/// it) is reclaimed by a reconciliation once `--docker-address-grace` has passed; the
+/// gateway and addresses with endpoints stay.
+#[test]
+fn a_leaked_address_is_reclaimed() {
+    static NEXT: AtomicU32 = AtomicU32::new(100);
+    let name = format!(
+        "ntp{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let h = Host::with_args(&[
+        "--docker-plugin",
+        &name,
+        "--docker-host",
+        "/nonexistent/docker.sock",
+        "--docker-address-grace",
+        "1s",
+    ]);
+    let sock = PathBuf::from(format!("/run/docker/plugins/{name}.sock"));
+    let pool_id = create_network(&sock);
+    let lost = call(
+        &sock,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool_id}),
+    );
+    let used = call(
+        &sock,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool_id}),
+    );
+    call(
+        &sock,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": NET_ID, "EndpointID": EP_ID, "Interface": {"Address": used["Address"]}}),
+    );
+    let pool_addrs = || -> Vec<String> {
+        let nv = h.json(&["network", "inspect", &format!("docker-{}", &NET_ID[..12])]);
+        let nv = if nv.is_array() { nv[0].clone() } else { nv };
+        nv["docker_pool"]["addresses"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no docker_pool: {nv}"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    h.ok(&["reconcile"]);
+    assert_eq!(
+        pool_addrs().len(),
+        3,
+        "within the grace nothing is reclaimed"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let rep = h.json(&["reconcile"]);
+    assert!(netctl_tests::repaired(&rep) >= 1, "{rep}");
+    let strip = |v: &Value| v.as_str().unwrap().split('/').next().unwrap().to_string();
+    let left = pool_addrs();
+    assert!(!left.contains(&strip(&lost["Address"])), "{left:?}");
+    assert!(left.contains(&strip(&used["Address"])), "{left:?}");
+    assert!(left.contains(&"10.81.0.1".to_string()), "{left:?}");
+    // The reclaimed address is handed out again.
+    let again = call(
+        &sock,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool_id}),
+    );
+    assert_eq!(again["Address"], lost["Address"]);
+}

@@ -10,6 +10,13 @@ use super::{Agent, Result, gateway_net, now_rfc3339};
 use crate::model::{Change, CreateNetwork, Endpoint, ModelError, Network, Pool, parse_mac};
 use crate::netlink::{self, Netlink, VethSpec};
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// What Docker's Join answer needs.
 pub struct Joined {
     /// The interface Docker moves into the container.
@@ -46,9 +53,29 @@ impl Agent {
         addr: Option<&str>,
         gateway: bool,
     ) -> Result<Ipv4Net> {
-        let (a, changes) = self.state.plan_request_address(pool, addr, gateway)?;
+        let (a, changes) = self
+            .state
+            .plan_request_address(pool, addr, gateway, now_secs())?;
         self.commit(&changes)?;
         Ok(a)
+    }
+
+    /// Reclaims the pool addresses a crash left handed out but unused (see
+    /// [`crate::model::State::plan_reclaim_addresses`]); part of every full reconciliation.
+    pub(super) fn reclaim_docker_addresses(&mut self) -> Result<usize> {
+        let grace = self.opts.docker_address_grace.as_secs();
+        let changes = self.state.plan_reclaim_addresses(now_secs(), grace);
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        let before: usize = self.state.pools.values().map(|p| p.addresses.len()).sum();
+        self.commit(&changes)?;
+        let after: usize = self.state.pools.values().map(|p| p.addresses.len()).sum();
+        tracing::warn!(
+            reclaimed = before - after,
+            "docker: reclaimed pool addresses handed out but never used (a crash cut Docker's call)"
+        );
+        Ok(before - after)
     }
 
     pub fn ipam_release_address(&mut self, pool: &str, addr: &str) -> Result<()> {

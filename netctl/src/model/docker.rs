@@ -43,6 +43,7 @@ impl State {
             subnet,
             ip_range,
             addresses: BTreeMap::new(),
+            handed_out: BTreeMap::new(),
             created: now.to_string(),
         };
         Ok((p.clone(), vec![Change::PutPool(p)]))
@@ -70,6 +71,7 @@ impl State {
         pool_id: &str,
         addr: Option<&str>,
         gateway: bool,
+        now_secs: u64,
     ) -> Result<(Ipv4Net, Vec<Change>), ModelError> {
         let p = self
             .pools
@@ -114,6 +116,7 @@ impl State {
         let mut p = p.clone();
         let what = if gateway { USE_GATEWAY } else { USE_REQUESTED };
         p.addresses.insert(ip, what.to_string());
+        p.handed_out.insert(ip, now_secs);
         let net = Ipv4Net::new(ip, p.subnet.prefix_len()).expect("prefix of a valid subnet");
         Ok((net, vec![Change::PutPool(p)]))
     }
@@ -135,7 +138,52 @@ impl State {
         }
         let mut p = p.clone();
         p.addresses.remove(&ip);
+        p.handed_out.remove(&ip);
         Ok(vec![Change::PutPool(p)])
+    }
+
+    /// Addresses Docker asked for and never used, which a crash leaves behind: Docker
+    /// requests an address, then creates the endpoint with it within moments; if the agent
+    /// died after committing the address but before Docker got the answer, Docker never
+    /// releases it (moby#27404). On a Docker network of netctl's (where every container
+    /// address is a netctl endpoint), an endpoint address handed out more than `grace_secs`
+    /// ago that no endpoint has, is reclaimed. Gateways and aux addresses stay, and so do
+    /// the pools of networks netctl is not the driver of.
+    pub fn plan_reclaim_addresses(&self, now_secs: u64, grace_secs: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for p in self.pools.values() {
+            let Some(net) = self.network_of_pool(p).filter(|n| n.docker.is_some()) else {
+                continue;
+            };
+            let used: BTreeSet<Ipv4Addr> = self
+                .endpoints
+                .values()
+                .filter(|e| e.network == net.name)
+                .map(|e| e.ip)
+                .chain(net.aux_addresses.values().copied())
+                .chain([net.gateway])
+                .collect();
+            let stale: Vec<Ipv4Addr> = p
+                .addresses
+                .iter()
+                .filter(|(ip, what)| {
+                    what.as_str() == USE_REQUESTED
+                        && !used.contains(ip)
+                        && p.handed_out.get(ip).copied().unwrap_or(0) + grace_secs < now_secs
+                })
+                .map(|(ip, _)| *ip)
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            let mut p = p.clone();
+            for ip in stale {
+                p.addresses.remove(&ip);
+                p.handed_out.remove(&ip);
+            }
+            changes.push(Change::PutPool(p));
+        }
+        changes
     }
 
     /// The network Docker knows by `docker_id`.
@@ -341,7 +389,7 @@ mod tests {
     }
 
     fn addr(st: &mut State, pool: &str, a: Option<&str>, gw: bool) -> String {
-        let (n, c) = st.plan_request_address(pool, a, gw).unwrap();
+        let (n, c) = st.plan_request_address(pool, a, gw, 1000).unwrap();
         st.apply(&c);
         n.to_string()
     }
@@ -411,14 +459,14 @@ mod tests {
         assert_eq!(addr(&mut st, &p.id, None, true), "10.1.0.1/24");
         assert_eq!(addr(&mut st, &p.id, None, false), "10.1.0.128/24");
         assert_eq!(addr(&mut st, &p.id, Some("10.1.0.5"), false), "10.1.0.5/24");
-        let e = err(st.plan_request_address(&p.id, Some("10.1.0.5"), false));
+        let e = err(st.plan_request_address(&p.id, Some("10.1.0.5"), false, 1000));
         assert!(
             e.contains("Address: invalid value \"10.1.0.5\": already in use"),
             "{e}"
         );
-        let e = err(st.plan_request_address(&p.id, Some("10.2.0.5"), false));
+        let e = err(st.plan_request_address(&p.id, Some("10.2.0.5"), false, 1000));
         assert!(e.starts_with("Address: invalid value \"10.2.0.5\""), "{e}");
-        let e = err(st.plan_request_address(&p.id, Some("10.1.0.255"), false));
+        let e = err(st.plan_request_address(&p.id, Some("10.1.0.255"), false, 1000));
         assert!(
             e.starts_with("Address: invalid value \"10.1.0.255\""),
             "{e}"
@@ -446,6 +494,38 @@ mod tests {
             st.plan_release_address(&p.id, "10.1.0.200").unwrap(),
             vec![]
         );
+    }
+
+    #[test]
+    fn addresses_a_crash_left_unused_are_reclaimed_after_the_grace() {
+        let mut st = State::default();
+        let p = pool(&mut st, Some("10.4.0.0/24"), None);
+        let other = pool(&mut st, Some("10.5.0.0/24"), None);
+        addr(&mut st, &p.id, None, true); // 10.4.0.1, gateway, at 1000
+        addr(&mut st, &p.id, None, false); // 10.4.0.2: its answer "lost"
+        addr(&mut st, &p.id, None, false); // 10.4.0.3: gets an endpoint
+        addr(&mut st, &other.id, None, false); // a pool with no netctl network: kept
+        // No Docker network on the pool yet: nothing is reclaimed.
+        assert!(st.plan_reclaim_addresses(5000, 60).is_empty());
+        docker_net(&mut st, "10.4.0.0/24");
+        let id = "573f0be318cc087adfbcb4eaaea7c189f9b41384a936eb1b36eb88f7f612bbc4";
+        let (_, c) = st
+            .plan_docker_endpoint(NET, id, "10.4.0.3/24", None, &HostNet::default())
+            .unwrap();
+        st.apply(&c);
+        // Within the grace: kept.
+        assert!(st.plan_reclaim_addresses(1060, 60).is_empty());
+        let c = st.plan_reclaim_addresses(1061, 60);
+        st.apply(&c);
+        let left: Vec<String> = st.pools[&p.id]
+            .addresses
+            .keys()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(left, ["10.4.0.1", "10.4.0.3"]);
+        assert_eq!(st.pools[&p.id].handed_out.len(), 2);
+        assert_eq!(st.pools[&other.id].addresses.len(), 1);
+        assert!(st.plan_reclaim_addresses(9999, 60).is_empty(), "idempotent");
     }
 
     #[test]

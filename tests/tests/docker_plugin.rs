@@ -11,9 +11,26 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use netctl_tests::{Host, exec, ping, run_ok};
 use serde_json::{Value, json};
 
+/// The plugin's socket path; the file is removed on drop (an agent killed, or stopped by
+/// the host's drop, may leave it behind).
+struct Sock(PathBuf);
+
+impl std::ops::Deref for Sock {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A host whose agent serves the plugin under a name of this test (and asks a dockerd that
 /// does not exist for names, so Docker networks keep their `docker-<id>` names).
-fn plugin_host() -> (Host, PathBuf) {
+fn plugin_host() -> (Host, Sock) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let probe = format!(
         "ntp{}x{}",
@@ -28,7 +45,7 @@ fn plugin_host() -> (Host, PathBuf) {
     ]);
     (
         h,
-        PathBuf::from(format!("/run/docker/plugins/{probe}.sock")),
+        Sock(PathBuf::from(format!("/run/docker/plugins/{probe}.sock"))),
     )
 }
 
@@ -538,7 +555,7 @@ fn a_leaked_address_is_reclaimed() {
         "--docker-address-grace",
         "1s",
     ]);
-    let sock = PathBuf::from(format!("/run/docker/plugins/{name}.sock"));
+    let sock = Sock(PathBuf::from(format!("/run/docker/plugins/{name}.sock")));
     let pool_id = create_network(&sock);
     let lost = call(
         &sock,

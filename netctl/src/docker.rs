@@ -323,7 +323,7 @@ async fn dispatch(c: &Ctx, method: &str, body: &Bytes) -> Reply {
             let net = required("NetworkID", &req.network_id)?;
             let id = required("EndpointID", &req.endpoint_id)?;
             let a = c.agent.lock().await;
-            let ep = a.docker_endpoint_info(net, id)?;
+            let ep = a.docker_endpoint(net, id)?;
             Ok(json!({ "Value": {
                 "id": ep.id, "network": ep.network, "ip": ep.ip.to_string(),
                 "mac": ep.mac, "host_ifname": ep.host_ifname,

@@ -31,22 +31,39 @@ impl Drop for Sock {
 /// A host whose agent serves the plugin under a name of this test (and asks a dockerd that
 /// does not exist for names, so Docker networks keep their `docker-<id>` names).
 fn plugin_host() -> (Host, Sock) {
+    plugin_host_with(&[])
+}
+
+/// [`plugin_host`] whose agent gets `extra` arguments too.
+fn plugin_host_with(extra: &[&str]) -> (Host, Sock) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let probe = format!(
         "ntp{}x{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     );
-    let h = Host::with_args(&[
+    let mut args = vec![
         "--docker-plugin",
         &probe,
         "--docker-host",
         "/nonexistent/docker.sock",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let h = Host::with_args(&args);
     (
         h,
         Sock(PathBuf::from(format!("/run/docker/plugins/{probe}.sock"))),
     )
+}
+
+/// `netctl KIND inspect NAME` as one object.
+fn inspect(h: &Host, kind: &str, name: &str) -> Value {
+    let v = h.json(&[kind, "inspect", name]);
+    if v.is_array() { v[0].clone() } else { v }
+}
+
+fn inspect_network(h: &Host, name: &str) -> Value {
+    inspect(h, "network", name)
 }
 
 /// One plugin call as dockerd makes it (POST, no content type); returns (status, body).
@@ -253,8 +270,7 @@ fn network_endpoint_join_leave_delete() {
         .collect();
     let pool_id = create_network(&sock);
     let net = format!("docker-{}", &NET_ID[..12]);
-    let nv = h.json(&["network", "inspect", &net]);
-    let nv = if nv.is_array() { nv[0].clone() } else { nv };
+    let nv = inspect_network(&h, &net);
     assert_eq!(nv["docker"]["id"], NET_ID, "{nv}");
     assert_eq!(nv["ip_range"], "10.81.0.128/25", "the pool's range: {nv}");
 
@@ -426,8 +442,7 @@ fn network_endpoint_join_leave_delete() {
         !links.contains("eth0"),
         "the peer went with the pair: {links}"
     );
-    let sv = h.json(&["service", "inspect", &h.name("web")]);
-    let sv = if sv.is_array() { sv[0].clone() } else { sv };
+    let sv = inspect(&h, "service", &h.name("web"));
     assert_eq!(
         sv["backends"],
         json!([]),
@@ -510,8 +525,7 @@ fn docker_state_survives_agent_kill() {
     assert_eq!(st["reconcile"]["last_error"], Value::Null, "{st}");
     assert_eq!(netctl_tests::repaired(&st["reconcile"]["last"]), 0, "{st}");
     assert!(ping(&cont, ip));
-    let nv = h.json(&["network", "inspect", &net]);
-    let nv = if nv.is_array() { nv[0].clone() } else { nv };
+    let nv = inspect_network(&h, &net);
     assert_eq!(nv["endpoints"].as_array().unwrap().len(), 2, "{nv}");
     // `netctl down` removes every kernel object; the next agent makes the container's
     // veth again, into its namespace.
@@ -541,21 +555,7 @@ fn docker_state_survives_agent_kill() {
 /// gateway and addresses with endpoints stay.
 #[test]
 fn a_leaked_address_is_reclaimed() {
-    static NEXT: AtomicU32 = AtomicU32::new(100);
-    let name = format!(
-        "ntp{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
-    let h = Host::with_args(&[
-        "--docker-plugin",
-        &name,
-        "--docker-host",
-        "/nonexistent/docker.sock",
-        "--docker-address-grace",
-        "1s",
-    ]);
-    let sock = Sock(PathBuf::from(format!("/run/docker/plugins/{name}.sock")));
+    let (h, sock) = plugin_host_with(&["--docker-address-grace", "1s"]);
     let pool_id = create_network(&sock);
     let lost = call(
         &sock,
@@ -573,8 +573,7 @@ fn a_leaked_address_is_reclaimed() {
         json!({"NetworkID": NET_ID, "EndpointID": EP_ID, "Interface": {"Address": used["Address"]}}),
     );
     let pool_addrs = || -> Vec<String> {
-        let nv = h.json(&["network", "inspect", &format!("docker-{}", &NET_ID[..12])]);
-        let nv = if nv.is_array() { nv[0].clone() } else { nv };
+        let nv = inspect_network(&h, &format!("docker-{}", &NET_ID[..12]));
         nv["docker_pool"]["addresses"]
             .as_object()
             .unwrap_or_else(|| panic!("no docker_pool: {nv}"))

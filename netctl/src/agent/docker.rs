@@ -209,12 +209,8 @@ impl Agent {
         Ok(ep)
     }
 
-    /// The endpoint for Docker's EndpointOperInfo.
-    pub fn docker_endpoint_info(&self, network: &str, id: &str) -> Result<Endpoint> {
-        self.docker_endpoint(network, id)
-    }
-
-    fn docker_endpoint(&self, network: &str, id: &str) -> Result<Endpoint> {
+    /// The Docker endpoint `id` of Docker network `network` (EndpointOperInfo shows it).
+    pub fn docker_endpoint(&self, network: &str, id: &str) -> Result<Endpoint> {
         let net = self
             .state
             .docker_network(network)
